@@ -1,0 +1,173 @@
+//! Authentication and authorisation of one request: extract the credential, check its
+//! format and checksum, hash, look up, then status, expiry, deployment and scope checks.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use http::{header, HeaderMap, Method};
+
+use crate::config::{AuthConfig, Deployment, Route};
+use crate::error::GatewayError;
+use crate::keyindex::{KeyIndex, LiveKey};
+use crate::keys::{check_secret_format, rfc3339, Role, SecretHasher};
+
+/// Where the accepted credential came from (so it can be removed before forwarding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// The configured header (`X-API-Key`).
+    Header,
+    /// `Authorization: Bearer`.
+    Bearer,
+    /// The configured query parameter.
+    Query,
+}
+
+/// A credential found in a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Credential<'a> {
+    /// The presented secret.
+    pub secret: &'a str,
+    /// Where it came from.
+    pub source: CredentialSource,
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Finds the value of query parameter `name` in `query`.
+pub fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// Extracts the credential. Two different credentials → `ambiguous_credentials`; none →
+/// `missing_key`.
+pub fn extract_credential<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    cfg: &AuthConfig,
+) -> Result<Credential<'a>, GatewayError> {
+    let mut found: Option<Credential<'a>> = None;
+    let mut offer = |secret: &'a str, source| -> Result<(), GatewayError> {
+        if secret.is_empty() {
+            return Ok(());
+        }
+        match found {
+            Some(c) if c.secret != secret => Err(GatewayError::AmbiguousCredentials),
+            Some(_) => Ok(()),
+            None => {
+                found = Some(Credential { secret, source });
+                Ok(())
+            }
+        }
+    };
+    for v in headers.get_all(&cfg.header) {
+        // A value that is not text cannot be one of our keys; it still counts as sent.
+        offer(v.to_str().map(str::trim).unwrap_or("\u{0}"), CredentialSource::Header)?;
+    }
+    if cfg.bearer {
+        for v in headers.get_all(header::AUTHORIZATION) {
+            if let Some(token) = v.to_str().ok().and_then(bearer_token) {
+                offer(token, CredentialSource::Bearer)?;
+            }
+        }
+    }
+    if let (Some(name), Some(q)) = (&cfg.query_param, query) {
+        if let Some(v) = query_value(q, name) {
+            offer(v, CredentialSource::Query)?;
+        }
+    }
+    found.ok_or(GatewayError::MissingKey)
+}
+
+/// Whether a method is read-only (all a viewer may use).
+fn is_read_only(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Everything the decision needs besides the request.
+pub struct Verifier<'a> {
+    /// Live keys.
+    pub index: &'a KeyIndex,
+    /// Secret hasher.
+    pub hasher: &'a SecretHasher,
+    /// Auth settings.
+    pub auth: &'a AuthConfig,
+}
+
+impl Verifier<'_> {
+    /// Finds the live key for a secret and checks it is usable at `now` (format, checksum,
+    /// digest, grace period, expiry).
+    pub fn identify(&self, secret: &str, now: i64) -> Result<Arc<LiveKey>, GatewayError> {
+        if check_secret_format(secret, &self.auth.prefix, &self.auth.environments).is_none() {
+            return Err(GatewayError::InvalidKey);
+        }
+        let digest = self.hasher.digest(secret);
+        let entry = self.index.lookup(&digest).ok_or(GatewayError::InvalidKey)?;
+        if entry.valid_until.is_some_and(|until| now >= until) {
+            return Err(GatewayError::InvalidKey);
+        }
+        if let Some(exp) = entry.key.expires_at {
+            if now >= exp {
+                let at = DateTime::<Utc>::from_timestamp(exp, 0).unwrap_or_default();
+                return Err(GatewayError::KeyExpired { expired_at: rfc3339(&at) });
+            }
+        }
+        Ok(entry.key)
+    }
+}
+
+/// Checks that `key` may call `method` on `deployment` through `route`.
+pub fn authorize(key: &LiveKey, deployment: &Deployment, route: Option<&Route>, method: &Method) -> Result<(), GatewayError> {
+    if !key.allows_deployment(&deployment.name) {
+        return Err(GatewayError::DeploymentForbidden { deployment: deployment.name.clone() });
+    }
+    if key.role == Role::Viewer && !is_read_only(method) {
+        return Err(GatewayError::InsufficientScope {
+            required: format!("method:{method}"),
+            granted: key.scope_list(),
+        });
+    }
+    if let Some(scope) = route.and_then(|r| r.scope.as_deref()) {
+        if !key.has_scope(scope) {
+            return Err(GatewayError::InsufficientScope { required: scope.to_string(), granted: key.scope_list() });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn cfg() -> AuthConfig {
+        crate::config::Config::parse(std::path::Path::new("t.toml"), "[auth]\nquery_param = \"api_key\"\n")
+            .unwrap()
+            .auth
+    }
+
+    #[test]
+    fn extraction_rules() {
+        let cfg = cfg();
+        let mut h = HeaderMap::new();
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::MissingKey);
+        h.insert("x-api-key", HeaderValue::from_static("a"));
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bEaReR a"));
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::AmbiguousCredentials);
+        h.remove(header::AUTHORIZATION);
+        assert_eq!(extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap_err(), GatewayError::AmbiguousCredentials);
+        h.clear();
+        let c = extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap();
+        assert_eq!((c.secret, c.source), ("c", CredentialSource::Query));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9v"));
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::MissingKey);
+    }
+}

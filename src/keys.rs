@@ -1,0 +1,413 @@
+//! The key model: secret format (prefix_env_body with a CRC32 checksum), ids, digests,
+//! roles, statuses, expiry parsing and the public JSON form of a key.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::units::parse_duration;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random base62 characters in a secret's body.
+pub const SECRET_ENTROPY_CHARS: usize = 32;
+/// Base62 characters of the CRC32 checksum at the end of a secret.
+pub const CHECKSUM_CHARS: usize = 6;
+/// Base62 characters after `key_` in a key id.
+pub const ID_CHARS: usize = 16;
+
+/// A SHA-256 (or HMAC-SHA256) digest of a secret: the only form a secret is stored in.
+pub type SecretDigest = [u8; 32];
+
+/// Fills `out` with uniformly random base62 characters from the OS CSPRNG.
+fn random_base62(out: &mut String, count: usize) -> Result<(), getrandom::Error> {
+    let mut pushed = 0;
+    let mut buf = [0u8; 64];
+    while pushed < count {
+        getrandom::fill(&mut buf)?;
+        for &b in &buf {
+            // Rejection sampling: 248 = 4 * 62 keeps every character equally likely.
+            if b < 248 && pushed < count {
+                out.push(BASE62[(b % 62) as usize] as char);
+                pushed += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a CRC32 as exactly six base62 characters.
+fn checksum_chars(text: &str) -> [u8; CHECKSUM_CHARS] {
+    let mut n = crc32fast::hash(text.as_bytes()) as u64;
+    let mut out = [b'0'; CHECKSUM_CHARS];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+fn is_base62(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+
+/// Generates a new secret `{prefix}_{env}_{32 random}{6 checksum}`.
+pub fn generate_secret(prefix: &str, env: &str) -> Result<String, getrandom::Error> {
+    let mut s = String::with_capacity(prefix.len() + env.len() + 2 + SECRET_ENTROPY_CHARS + CHECKSUM_CHARS);
+    s.push_str(prefix);
+    s.push('_');
+    s.push_str(env);
+    s.push('_');
+    random_base62(&mut s, SECRET_ENTROPY_CHARS)?;
+    let sum = checksum_chars(&s);
+    s.extend(sum.iter().map(|&b| b as char));
+    Ok(s)
+}
+
+/// Generates a new public key id, `key_` + 16 base62 characters.
+pub fn generate_id() -> Result<String, getrandom::Error> {
+    let mut s = String::with_capacity(4 + ID_CHARS);
+    s.push_str("key_");
+    random_base62(&mut s, ID_CHARS)?;
+    Ok(s)
+}
+
+/// True when `id` has the shape of a key id.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 4 + ID_CHARS && id.starts_with("key_") && id.as_bytes()[4..].iter().all(|&b| is_base62(b))
+}
+
+/// Checks a presented secret's shape, prefix, environment and checksum without any
+/// lookup. Returns the environment on success.
+pub fn check_secret_format<'a>(secret: &'a str, prefix: &str, environments: &[String]) -> Option<&'a str> {
+    let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
+    let bytes = secret.as_bytes();
+    if bytes.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
+        return None;
+    }
+    let rest = &secret[prefix.len()..];
+    let rest = rest.strip_prefix('_')?;
+    let (env, body) = rest.split_at(rest.len().checked_sub(body_len + 1)?);
+    let body = body.strip_prefix('_')?;
+    if !body.bytes().all(is_base62) || !environments.iter().any(|e| e == env) {
+        return None;
+    }
+    let signed = &secret[..secret.len() - CHECKSUM_CHARS];
+    if checksum_chars(signed) != body.as_bytes()[SECRET_ENTROPY_CHARS..] {
+        return None;
+    }
+    Some(env)
+}
+
+/// Hashes secrets: SHA-256, or HMAC-SHA256 keyed with the pepper from `KEYGATE_PEPPER`.
+#[derive(Clone)]
+pub struct SecretHasher {
+    pepper: Option<Hmac<Sha256>>,
+}
+
+impl std::fmt::Debug for SecretHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the pepper.
+        f.debug_struct("SecretHasher").field("peppered", &self.pepper.is_some()).finish()
+    }
+}
+
+impl SecretHasher {
+    /// A hasher with an optional pepper (empty means none).
+    pub fn new(pepper: Option<&[u8]>) -> Self {
+        let pepper = pepper
+            .filter(|p| !p.is_empty())
+            .map(|p| Hmac::<Sha256>::new_from_slice(p).expect("HMAC accepts keys of any length"));
+        SecretHasher { pepper }
+    }
+
+    /// A hasher using `KEYGATE_PEPPER` when it is set.
+    pub fn from_env() -> Self {
+        let pepper = std::env::var_os("KEYGATE_PEPPER");
+        Self::new(pepper.as_ref().map(|p| p.as_encoded_bytes()))
+    }
+
+    /// The digest of a secret.
+    pub fn digest(&self, secret: &str) -> SecretDigest {
+        match &self.pepper {
+            None => Sha256::digest(secret.as_bytes()).into(),
+            Some(mac) => {
+                let mut mac = mac.clone();
+                mac.update(secret.as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+        }
+    }
+}
+
+/// The masked display form of a secret: `kg_prod_****…ab12`.
+pub fn display_secret(secret: &str, prefix: &str, env: &str) -> String {
+    let last4 = &secret[secret.len().saturating_sub(4)..];
+    format!("{prefix}_{env}_****…{last4}")
+}
+
+/// A built-in role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, including the admin API.
+    Admin,
+    /// Every method on its deployments; no key management.
+    Operator,
+    /// Only GET, HEAD and OPTIONS on its deployments.
+    Viewer,
+}
+
+impl Role {
+    /// The role's name as written in config and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(format!("unknown role {other:?} (use admin, operator or viewer)")),
+        }
+    }
+}
+
+/// A key's lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Usable.
+    Active,
+    /// Past its expiry time.
+    Expired,
+    /// Revoked for good.
+    Revoked,
+}
+
+impl Status {
+    /// The status name as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Expired => "expired",
+            Status::Revoked => "revoked",
+        }
+    }
+}
+
+/// A previous secret that stays valid until `valid_until` after a rotation with grace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraceSecret {
+    /// Hex digest of the old secret.
+    pub digest: String,
+    /// When the old secret stops working.
+    pub valid_until: DateTime<Utc>,
+}
+
+/// A key as persisted in the store (never holds the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Public id, `key_…`.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Who the key belongs to.
+    #[serde(default)]
+    pub owner: String,
+    /// Built-in role.
+    pub role: Role,
+    /// Scopes granted.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Deployments allowed (`*` for all).
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Environment label from the secret.
+    pub env: String,
+    /// Masked secret for display.
+    pub display: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Expiry, `None` for never.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Revocation time.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Per-key rate limit (`N/DURATION` or `none`), `None` for the role's or default.
+    pub rate_limit: Option<String>,
+    /// Hex digest of the current secret.
+    pub digest: String,
+    /// Old secrets still valid during a rotation grace period.
+    #[serde(default)]
+    pub grace: Vec<GraceSecret>,
+}
+
+/// Formats a time as RFC 3339 UTC with second precision.
+pub fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Usage-derived fields shown with a key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LastUsed {
+    /// Last request time.
+    pub at: Option<DateTime<Utc>>,
+    /// Last client IP.
+    pub ip: Option<String>,
+    /// Last user agent.
+    pub user_agent: Option<String>,
+}
+
+impl KeyRecord {
+    /// The status at `now`.
+    pub fn status(&self, now: DateTime<Utc>) -> Status {
+        if self.revoked_at.is_some() {
+            Status::Revoked
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            Status::Expired
+        } else {
+            Status::Active
+        }
+    }
+
+    /// The public JSON form (SPEC §1).
+    pub fn to_json(&self, now: DateTime<Utc>, last: &LastUsed) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "owner": self.owner,
+            "role": self.role,
+            "scopes": self.scopes,
+            "deployments": self.deployments,
+            "env": self.env,
+            "display": self.display,
+            "status": self.status(now),
+            "created_at": rfc3339(&self.created_at),
+            "expires_at": self.expires_at.as_ref().map(rfc3339),
+            "revoked_at": self.revoked_at.as_ref().map(rfc3339),
+            "rate_limit": self.rate_limit,
+            "last_used_at": last.at.as_ref().map(rfc3339),
+            "last_used_ip": last.ip,
+            "last_used_user_agent": last.user_agent,
+        })
+    }
+}
+
+/// Parses an expiry (`90d`, `1y`, an RFC 3339 time or `never`) relative to `now`.
+pub fn parse_expiry(text: &str, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    let d = parse_duration(text)
+        .map_err(|_| format!("bad expiry {text:?}: use a duration such as 90d or 1y, an RFC 3339 time, or never"))?;
+    let d = chrono::Duration::from_std(d).map_err(|_| format!("bad expiry {text:?}: too far in the future"))?;
+    now.checked_add_signed(d)
+        .map(Some)
+        .ok_or_else(|| format!("bad expiry {text:?}: too far in the future"))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(digest: &SecretDigest) -> String {
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Parses a lower-case hex digest.
+pub fn unhex(text: &str) -> Option<SecretDigest> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envs() -> Vec<String> {
+        ["dev", "ci", "stg", "prod"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn generated_secret_passes_format_check() {
+        let s = generate_secret("kg", "prod").unwrap();
+        assert!(s.starts_with("kg_prod_"));
+        assert_eq!(s.len(), "kg_prod_".len() + 38);
+        assert_eq!(check_secret_format(&s, "kg", &envs()), Some("prod"));
+    }
+
+    #[test]
+    fn mistyped_secret_fails_checksum() {
+        let s = generate_secret("kg", "ci").unwrap();
+        let mut bytes = s.into_bytes();
+        let i = 10;
+        bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+        let s = String::from_utf8(bytes).unwrap();
+        assert_eq!(check_secret_format(&s, "kg", &envs()), None);
+    }
+
+    #[test]
+    fn wrong_prefix_or_env_rejected() {
+        let s = generate_secret("kg", "ci").unwrap();
+        assert_eq!(check_secret_format(&s, "xx", &envs()), None);
+        assert_eq!(check_secret_format(&s, "kg", &["prod".to_string()]), None);
+        assert_eq!(check_secret_format("kg_ci_short", "kg", &envs()), None);
+        assert_eq!(check_secret_format("", "kg", &envs()), None);
+        assert_eq!(check_secret_format("kg_ci_é", "kg", &envs()), None);
+    }
+
+    #[test]
+    fn ids_have_the_documented_shape() {
+        let id = generate_id().unwrap();
+        assert!(is_valid_id(&id), "{id}");
+        assert!(!is_valid_id("key_short"));
+    }
+
+    #[test]
+    fn pepper_changes_digest() {
+        let plain = SecretHasher::new(None).digest("x");
+        let peppered = SecretHasher::new(Some(b"pepper")).digest("x");
+        assert_ne!(plain, peppered);
+        assert_eq!(unhex(&hex(&plain)), Some(plain));
+    }
+
+    #[test]
+    fn display_masks_all_but_last_four() {
+        let s = generate_secret("kg", "prod").unwrap();
+        let d = display_secret(&s, "kg", "prod");
+        assert!(d.starts_with("kg_prod_****…"));
+        assert!(d.ends_with(&s[s.len() - 4..]));
+    }
+
+    #[test]
+    fn expiry_forms() {
+        let now = Utc::now();
+        assert_eq!(parse_expiry("never", now).unwrap(), None);
+        assert_eq!(parse_expiry("1h", now).unwrap(), Some(now + chrono::Duration::hours(1)));
+        assert!(parse_expiry("2030-01-01T00:00:00Z", now).unwrap().is_some());
+        assert!(parse_expiry("soon", now).is_err());
+    }
+}

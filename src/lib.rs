@@ -1,0 +1,17 @@
+//! keygate: a reverse-proxy authentication gateway.
+//!
+//! Request path: accept (`server`) → route (`router`) → authenticate (`auth`, `keyindex`)
+//! → forward (`proxy`) → log. Keys live in redb (`store`) and are managed by `manage`,
+//! used by both the CLI (`cli`) and the admin API.
+
+pub mod audit;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod keyindex;
+pub mod keys;
+pub mod manage;
+pub mod router;
+pub mod store;
+pub mod units;

@@ -1,0 +1,288 @@
+//! The redb store: keys, the digest index, the audit trail and metadata, each change in one
+//! write transaction. Only digests of secrets are ever written.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::audit::AuditEvent;
+use crate::keys::{unhex, KeyRecord, SecretDigest};
+
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const DIGESTS: TableDefinition<&[u8], &str> = TableDefinition::new("digests");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (a running gateway) holds the file.
+    #[error("the key store {0} is in use by a running keygate; use its admin API (set KEYGATE_ADMIN_KEY or --admin-key-file) or stop it first")]
+    InUse(PathBuf),
+    /// The directory could not be created or the file opened.
+    #[error("cannot open the key store {path}: {source}")]
+    Io {
+        /// The store file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// redb reported an error.
+    #[error("key store error: {0}")]
+    Db(#[from] redb::Error),
+    /// A record could not be decoded.
+    #[error("key store record is corrupt: {0}")]
+    Corrupt(String),
+    /// A unique digest collided (practically impossible with 190 bits of entropy).
+    #[error("a key with the same secret digest already exists")]
+    DuplicateDigest,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// The embedded key store.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn decode_key(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// All digests a record answers to (the current secret and those in grace).
+pub fn record_digests(r: &KeyRecord) -> Vec<SecretDigest> {
+    std::iter::once(r.digest.as_str())
+        .chain(r.grace.iter().map(|g| g.digest.as_str()))
+        .filter_map(unhex)
+        .collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`. Fails with [`StoreError::InUse`]
+    /// while another process holds it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
+        }
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_path_buf())),
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(source))) => {
+                if source.kind() == std::io::ErrorKind::WouldBlock {
+                    return Err(StoreError::InUse(path.to_path_buf()));
+                }
+                return Err(StoreError::Io { path: path.to_path_buf(), source });
+            }
+            Err(e) => return Err(StoreError::Db(e.into())),
+        };
+        let txn = db.begin_write()?;
+        txn.open_table(KEYS)?;
+        txn.open_table(DIGESTS)?;
+        txn.open_table(AUDIT)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(Store { db, path: path.to_path_buf() })
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying database, for modules that keep their own tables (usage).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// One key by id.
+    pub fn get_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        let found = table.get(id)?;
+        found.map(|v| decode_key(v.value())).transpose()
+    }
+
+    /// Every key, ordered by id.
+    pub fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        let mut out = Vec::with_capacity(table.len()? as usize);
+        for row in table.iter()? {
+            let (_, v) = row?;
+            out.push(decode_key(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The number of keys.
+    pub fn key_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(KEYS)?.len()?)
+    }
+
+    /// The id of the key answering to `digest`, if any.
+    pub fn id_for_digest(&self, digest: &SecretDigest) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DIGESTS)?;
+        let found = table.get(digest.as_slice())?;
+        Ok(found.map(|v| v.value().to_string()))
+    }
+
+    /// Writes `record` (new or changed) and its audit event in one transaction, keeping the
+    /// digest index in step with `previous`.
+    pub fn put_key(&self, record: &KeyRecord, previous: Option<&KeyRecord>, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut digests = txn.open_table(DIGESTS)?;
+            let new = record_digests(record);
+            if let Some(prev) = previous {
+                for d in record_digests(prev) {
+                    if !new.contains(&d) {
+                        digests.remove(d.as_slice())?;
+                    }
+                }
+            }
+            for d in &new {
+                let existing = digests.get(d.as_slice())?.map(|v| v.value().to_string());
+                if existing.is_some_and(|id| id != record.id) {
+                    return Err(StoreError::DuplicateDigest);
+                }
+                digests.insert(d.as_slice(), record.id.as_str())?;
+            }
+            let mut keys = txn.open_table(KEYS)?;
+            keys.insert(record.id.as_str(), encode(record)?.as_slice())?;
+            if let Some(ev) = audit {
+                append_audit_in(&txn, ev)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes a key and its digests, recording `audit`, in one transaction.
+    pub fn delete_key(&self, record: &KeyRecord, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut digests = txn.open_table(DIGESTS)?;
+            for d in record_digests(record) {
+                digests.remove(d.as_slice())?;
+            }
+            txn.open_table(KEYS)?.remove(record.id.as_str())?;
+            if let Some(ev) = audit {
+                append_audit_in(&txn, ev)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Appends one audit event.
+    pub fn append_audit(&self, ev: &AuditEvent) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        append_audit_in(&txn, ev)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Up to `limit` audit events, newest first.
+    pub fn list_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev().take(limit) {
+            let (_, v) = row?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// A metadata value.
+    pub fn meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        let found = table.get(name)?;
+        Ok(found.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a metadata value.
+    pub fn meta_set(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(name, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Appends an event under a strictly increasing key (microseconds, bumped on ties).
+fn append_audit_in(txn: &redb::WriteTransaction, ev: &AuditEvent) -> Result<(), StoreError> {
+    let mut table = txn.open_table(AUDIT)?;
+    let now = u64::try_from(ev.time.timestamp_micros()).unwrap_or(0);
+    let last = table.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let id = now.max(last + 1);
+    table.insert(id, encode(ev)?.as_slice())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Actor;
+    use crate::keys::{hex, Role, SecretHasher};
+    use chrono::Utc;
+
+    fn record(id: &str, secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            name: "n".into(),
+            description: String::new(),
+            owner: String::new(),
+            role: Role::Viewer,
+            scopes: vec![],
+            deployments: vec!["*".into()],
+            env: "dev".into(),
+            display: "kg_dev_****…abcd".into(),
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            rate_limit: None,
+            digest: hex(&SecretHasher::new(None).digest(secret)),
+            grace: vec![],
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_and_second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/k.redb");
+        let store = Store::open(&path).unwrap();
+        let r = record("key_0000000000000001", "s1");
+        let ev = Actor::local().event("key.created", Some(&r.id), Some(&r.name), vec![]);
+        store.put_key(&r, None, Some(&ev)).unwrap();
+        assert_eq!(store.get_key(&r.id).unwrap().as_ref(), Some(&r));
+        let d = SecretHasher::new(None).digest("s1");
+        assert_eq!(store.id_for_digest(&d).unwrap().as_deref(), Some(r.id.as_str()));
+        assert!(matches!(Store::open(&path), Err(StoreError::InUse(_))));
+        store.delete_key(&r, None).unwrap();
+        assert_eq!(store.get_key(&r.id).unwrap(), None);
+        assert_eq!(store.id_for_digest(&d).unwrap(), None);
+        assert_eq!(store.list_audit(10).unwrap().len(), 1);
+    }
+}
