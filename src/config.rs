@@ -428,7 +428,7 @@ impl Config {
         }
 
         let admin = AdminConfig { listen: addr_or(loc, &raw.admin.listen, "127.0.0.1:8091")? };
-        if admin.listen == server.listen {
+        if admin.listen == server.listen && admin.listen.port() != 0 {
             let span = raw.admin.listen.as_ref().map_or(0..0, |l| l.span());
             return Err(loc.at(span, "admin.listen must differ from server.listen"));
         }

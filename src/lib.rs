@@ -15,3 +15,8 @@ pub mod manage;
 pub mod router;
 pub mod store;
 pub mod units;
+pub mod echo;
+pub mod gateway;
+pub mod logging;
+pub mod proxy;
+pub mod server;

@@ -1,0 +1,351 @@
+//! Forwarding: header rewriting both ways (hop-by-hop, credential, X-Forwarded-*, identity
+//! headers), the pooled upstream client, streaming bodies and HTTP upgrades.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+
+use crate::body::{self, Body};
+use crate::config::{AuthConfig, Deployment};
+use crate::error::GatewayError;
+use crate::keyindex::LiveKey;
+
+/// The pooled client used for one deployment.
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// Builds a keep-alive pooled client with the deployment's connect timeout.
+pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        // Without a timer the pool's idle timeout never fires (hyper-util pitfall).
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// Headers that describe one hop only (RFC 9110 §7.6.1) and are never forwarded.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// `X-Keygate-Key-Id`.
+pub static H_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+/// `X-Keygate-Key-Name`.
+pub static H_KEY_NAME: HeaderName = HeaderName::from_static("x-keygate-key-name");
+/// `X-Keygate-Owner`.
+pub static H_OWNER: HeaderName = HeaderName::from_static("x-keygate-owner");
+/// `X-Keygate-Role`.
+pub static H_ROLE: HeaderName = HeaderName::from_static("x-keygate-role");
+/// `X-Keygate-Scopes`.
+pub static H_SCOPES: HeaderName = HeaderName::from_static("x-keygate-scopes");
+/// `X-Keygate-Deployment`.
+pub static H_DEPLOYMENT: HeaderName = HeaderName::from_static("x-keygate-deployment");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// True when the request asks for a protocol upgrade (WebSocket and the like).
+pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, the
+/// `Connection: upgrade` / `Upgrade` pair survives (for upgrade requests and 101 answers).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every client-sent `X-Keygate-*` header (they are ours to set).
+pub fn strip_keygate_headers(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().starts_with("x-keygate-")) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-keygate-")).cloned().collect();
+    for n in names {
+        headers.remove(&n);
+    }
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = canonical(ip);
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// Maps IPv4-mapped IPv6 addresses to IPv4 so `127.0.0.1/32` matches `::ffff:127.0.0.1`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client address: the peer, or — when the peer is a trusted proxy — the first
+/// untrusted address in `X-Forwarded-For` counting from the right.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut candidate = peer;
+    let entries = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .rev()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.rsplit(','));
+    for entry in entries {
+        match entry.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                let ip = canonical(ip);
+                candidate = ip;
+                if !is_trusted(ip, trusted) {
+                    return ip;
+                }
+            }
+            // A garbled entry ends the trusted chain; the last good hop is the client.
+            Err(_) => return candidate,
+        }
+    }
+    candidate
+}
+
+/// Facts about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// Remote address.
+    pub peer: std::net::SocketAddr,
+    /// True for the TLS listener.
+    pub tls: bool,
+}
+
+/// Sets `X-Forwarded-For`, `-Proto` and `-Host` following the `trusted_proxies` rules.
+pub fn set_forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>, trusted: &[IpNet]) {
+    let peer = canonical(conn.peer.ip());
+    let from_trusted = is_trusted(peer, trusted);
+    let peer_text = peer.to_string();
+    let xff = if from_trusted {
+        let existing: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        if existing.is_empty() {
+            peer_text
+        } else {
+            format!("{}, {peer_text}", existing.join(", "))
+        }
+    } else {
+        peer_text
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(from_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if conn.tls { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(from_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => {
+                headers.insert(&X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+/// Adds the identity headers for `key` on `deployment`.
+pub fn set_identity_headers(headers: &mut HeaderMap, key: &LiveKey, deployment: &Deployment) {
+    headers.insert(&H_KEY_ID, key.hv_id.clone());
+    headers.insert(&H_KEY_NAME, key.hv_name.clone());
+    headers.insert(&H_OWNER, key.hv_owner.clone());
+    headers.insert(&H_ROLE, key.hv_role.clone());
+    headers.insert(&H_SCOPES, key.hv_scopes.clone());
+    headers.insert(&H_DEPLOYMENT, deployment.name_header.clone());
+}
+
+/// Removes the credential that authenticated the request, unless `forward_key` is set.
+pub fn strip_credential(headers: &mut HeaderMap, auth: &AuthConfig) {
+    if auth.forward_key {
+        return;
+    }
+    headers.remove(&auth.header);
+    if auth.bearer {
+        // Only our Bearer credential goes; another scheme (Basic…) is the upstream's business.
+        let ours = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
+        if ours {
+            headers.remove(header::AUTHORIZATION);
+        }
+    }
+}
+
+/// Removes the key's query parameter from a query string; `None` when nothing is left.
+pub fn strip_query_param(query: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// Builds the upstream URI: base path + (optionally prefix-stripped) path + query.
+pub fn upstream_uri(
+    scheme: &http::uri::Scheme,
+    authority: &http::uri::Authority,
+    base_path: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, GatewayError> {
+    let mut pq = String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(base_path);
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| GatewayError::UpstreamUnavailable)
+}
+
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Sends `req` upstream with `timeout` for the response headers; streams the answer back.
+/// Upgrade requests are spliced to the upstream's upgraded connection.
+pub async fn forward(client: &UpstreamClient, mut req: Request<Incoming>, timeout: Duration) -> Result<Response<Body>, GatewayError> {
+    let upgrade = is_upgrade_request(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    *req.version_mut() = Version::HTTP_11;
+    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upstream request failed");
+            return Err(if is_timeout(&e) { GatewayError::UpstreamTimeout } else { GatewayError::UpstreamUnavailable });
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let mut resp = resp;
+    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client_io, upstream_io)) => {
+                    let mut client_io = TokioIo::new(client_io);
+                    let mut upstream_io = TokioIo::new(upstream_io);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+    Ok(Response::from_parts(parts, body::stream(incoming)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted() -> Vec<IpNet> {
+        vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn client_ip_from_trusted_chain() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 5.6.7.8, 10.0.0.2"));
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(peer, &h, &trusted()).to_string(), "5.6.7.8");
+        let untrusted: IpAddr = "9.9.9.9".parse().unwrap();
+        assert_eq!(client_ip(untrusted, &h, &trusted()).to_string(), "9.9.9.9");
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted()).to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn query_param_removed() {
+        assert_eq!(strip_query_param("a=1&api_key=x&b=2", "api_key").as_deref(), Some("a=1&b=2"));
+        assert_eq!(strip_query_param("api_key=x", "api_key"), None);
+    }
+}

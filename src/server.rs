@@ -1,0 +1,302 @@
+//! Listeners and connections: accept, HTTP/1.1 + h2c (auto-detected), upgrades, header-read
+//! and idle timeouts, and graceful shutdown (stop accepting, drain, exit).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::keyindex::KeyIndex;
+use crate::keys::SecretHasher;
+use crate::proxy::ConnInfo;
+use crate::store::Store;
+
+/// Per-connection timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    /// Max time to receive a request's headers.
+    pub header_read_timeout: Duration,
+    /// Close a connection with no traffic and no request in flight for this long.
+    pub idle_timeout: Duration,
+}
+
+/// Something that answers requests on a listener.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> impl Future<Output = Response<Body>> + Send;
+    /// Timeouts for a new connection.
+    fn conn_settings(&self) -> ConnSettings;
+}
+
+impl Handler for Gateway {
+    fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> impl Future<Output = Response<Body>> + Send {
+        Gateway::handle(self, req, conn)
+    }
+
+    fn conn_settings(&self) -> ConnSettings {
+        let rt = self.runtime.load();
+        ConnSettings { header_read_timeout: rt.config.server.header_read_timeout, idle_timeout: rt.config.server.idle_timeout }
+    }
+}
+
+/// Last I/O time and requests in flight on one connection, for the idle timeout.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { epoch: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        tokio::time::Instant::from_std(last + idle)
+    }
+}
+
+/// A stream that records when bytes last moved.
+struct ActivityStream {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for ActivityStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for ActivityStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Decrements the in-flight count when a request's handler finishes.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// Serves one connection until it closes, the idle timeout fires, or shutdown drains it.
+async fn serve_connection<H: Handler>(stream: TcpStream, conn: ConnInfo, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+    let settings = handler.conn_settings();
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(ActivityStream { inner: stream, activity: activity.clone() });
+    let svc_activity = activity.clone();
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        svc_activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(svc_activity.clone());
+        async move {
+            let resp = handler.handle(req, conn).await;
+            drop(guard);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut draining = *shutdown.borrow();
+    if draining {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        let deadline = activity.idle_deadline(settings.idle_timeout);
+        tokio::select! {
+            res = connection.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(deadline), if !draining => {
+                let idle = tokio::time::Instant::now() >= activity.idle_deadline(settings.idle_timeout);
+                if idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(peer = %conn.peer, "closing idle connection");
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Accepts on `listener` until `shutdown` turns true, then waits up to `grace()` for open
+/// connections to finish.
+pub async fn serve_listener<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: impl Fn() -> Duration,
+    tls: bool,
+) {
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let conn = ConnInfo { peer, tls };
+                    let handler = handler.clone();
+                    let shutdown = shutdown.clone();
+                    let open = open_tx.clone();
+                    tokio::spawn(async move {
+                        serve_connection(stream, conn, handler, shutdown).await;
+                        drop(open);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    drop(open_tx);
+    let grace = grace();
+    if tokio::time::timeout(grace, open_rx.recv()).await.is_err() {
+        tracing::warn!(grace = ?grace, "connections still open after the shutdown grace; closing them");
+    }
+}
+
+/// A gateway started in this process.
+pub struct Running {
+    /// Data-plane address actually bound.
+    pub data_addr: SocketAddr,
+    /// The shared state.
+    pub gateway: Arc<Gateway>,
+    /// The key store.
+    pub store: Arc<Store>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Begins graceful shutdown: stop accepting, drain connections.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until every listener has drained (or its grace ran out).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store, loads the keys and starts the listeners.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let store = Arc::new(Store::open(&config.store.path)?);
+    let keys = Arc::new(KeyIndex::new());
+    let records = store.list_keys().context("loading keys")?;
+    keys.load(records.iter());
+    tracing::info!(keys = records.len(), store = %config.store.path.display(), "key store loaded");
+    drop(records);
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+    let data_addr = listener.local_addr()?;
+    let gateway = Arc::new(Gateway::new(config, keys, SecretHasher::from_env()));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let grace_gw = gateway.clone();
+    let grace = move || grace_gw.runtime.load().config.server.shutdown_grace;
+    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx, grace, false));
+    tracing::info!(listen = %data_addr, "data plane listening");
+    Ok(Running { data_addr, gateway, store, shutdown, tasks: vec![data] })
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// `keygate serve`: runs until SIGTERM/SIGINT, then drains gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::logging::init(&config.log);
+    let running = start(config).await?;
+    let signal = stop_signal().await?;
+    tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+    running.shutdown();
+    running.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
