@@ -1,11 +1,14 @@
-//! The data plane's request pipeline: route → authenticate → authorise → forward → log,
-//! over one immutable configuration snapshot per request.
+//! The data plane's request pipeline over one immutable configuration snapshot per request:
+//! route → (failed-auth guard) → authenticate → authorise → rate limit → forward → count
+//! usage and metrics → access log.
 
+use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -14,29 +17,49 @@ use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
 use crate::keyindex::{KeyIndex, LiveKey};
-use crate::keys::SecretHasher;
+use crate::keys::{check_secret_format, SecretHasher};
+use crate::metrics::{DeploymentCounters, Gauges, Metrics};
 use crate::proxy::{self, ConnInfo, UpstreamClient};
+use crate::ratelimit::{Decision, FailedAuth, KeyLimits};
 use crate::router::{self, RouteMatch};
+use crate::usage::{Hit, Operation, Usage};
 
-/// A configuration snapshot with what is built from it (one pooled client per deployment).
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// What is built from one deployment's config.
+struct DeploymentRuntime {
+    client: Option<UpstreamClient>,
+    name: Arc<str>,
+    route_names: Vec<Arc<str>>,
+    counters: Arc<DeploymentCounters>,
+}
+
+/// A configuration snapshot with what is built from it.
 pub struct Runtime {
     /// The validated configuration.
     pub config: Config,
-    clients: Vec<Option<UpstreamClient>>,
+    deployments: Vec<DeploymentRuntime>,
 }
 
 impl Runtime {
-    /// Builds the clients for a configuration.
-    pub fn new(config: Config) -> Self {
-        let clients = config
+    /// Builds clients and counters for a configuration.
+    pub fn new(config: Config, metrics: &Metrics) -> Self {
+        let deployments = config
             .deployments
             .iter()
-            .map(|d| match d.upstream {
-                Upstream::Echo => None,
-                Upstream::Http { .. } => Some(proxy::build_client(d.connect_timeout)),
+            .map(|d| DeploymentRuntime {
+                client: match d.upstream {
+                    Upstream::Echo => None,
+                    Upstream::Http { .. } => Some(proxy::build_client(d.connect_timeout)),
+                },
+                name: Arc::from(d.name.as_str()),
+                route_names: d.routes.iter().map(|r| Arc::from(r.name.as_str())).collect(),
+                counters: metrics.deployment(&d.name),
             })
             .collect();
-        Runtime { config, clients }
+        Runtime { config, deployments }
     }
 }
 
@@ -48,15 +71,27 @@ pub struct Gateway {
     pub keys: Arc<KeyIndex>,
     /// Secret hasher.
     pub hasher: SecretHasher,
+    /// Per-key rate limiters.
+    pub limits: KeyLimits,
+    /// Failed authentications per client IP.
+    pub failed_auth: FailedAuth,
+    /// Usage counters.
+    pub usage: Arc<Usage>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set once shutdown has begun (readiness turns 503).
+    pub draining: AtomicBool,
 }
 
-/// What the access log line says about a request.
+/// What one request did, for usage, metrics and the access log.
 #[derive(Default)]
-struct AccessLog {
-    key_id: Option<Arc<LiveKey>>,
+struct Outcome {
+    key: Option<Arc<LiveKey>>,
     deployment: Option<usize>,
-    operation: Option<Box<str>>,
+    operation: Option<Operation>,
     error: Option<&'static str>,
+    authorized: bool,
+    rate: Option<Decision>,
 }
 
 fn unix_now() -> i64 {
@@ -74,68 +109,166 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// Adds `RateLimit-*` headers for an allowed or denied decision.
+fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
+    let (limit, remaining, reset) = match d {
+        Decision::Unlimited => return,
+        Decision::Allowed { limit, remaining, reset, .. } => (limit, remaining, reset),
+        Decision::Denied { limit, reset, .. } => (limit, 0, reset),
+    };
+    headers.insert(&RATELIMIT_LIMIT, HeaderValue::from(limit));
+    headers.insert(&RATELIMIT_REMAINING, HeaderValue::from(remaining));
+    headers.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
+}
+
+fn counts_as_failed_auth(e: &GatewayError) -> bool {
+    matches!(e, GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::AmbiguousCredentials)
+}
+
 impl Gateway {
-    /// A gateway serving `config` with the keys in `keys`.
-    pub fn new(config: Config, keys: Arc<KeyIndex>, hasher: SecretHasher) -> Self {
-        Gateway { runtime: ArcSwap::from_pointee(Runtime::new(config)), keys, hasher }
+    /// A gateway serving `config` with the keys in `keys`, counting usage into `usage`.
+    pub fn new(config: Config, keys: Arc<KeyIndex>, hasher: SecretHasher, usage: Arc<Usage>) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let failed_auth = FailedAuth::new();
+        failed_auth.configure(config.rate_limit.failed_auth_per_ip);
+        Gateway {
+            runtime: ArcSwap::from_pointee(Runtime::new(config, &metrics)),
+            keys,
+            hasher,
+            limits: KeyLimits::new(),
+            failed_auth,
+            usage,
+            metrics,
+            draining: AtomicBool::new(false),
+        }
     }
 
-    /// Handles one data-plane request, logging one access line.
+    /// Replaces the configuration snapshot; requests in flight keep the one they started with.
+    pub fn apply_config(&self, config: Config) {
+        self.failed_auth.configure(config.rate_limit.failed_auth_per_ip);
+        self.runtime.store(Arc::new(Runtime::new(config, &self.metrics)));
+    }
+
+    /// The metrics text with current gauges.
+    pub fn render_metrics(&self) -> String {
+        let gauges = Gauges {
+            keys_loaded: self.keys.len() as u64,
+            usage_pending: self.usage.pending(),
+            usage_flush_seconds: self.usage.last_flush_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
+        };
+        self.metrics.render(&gauges)
+    }
+
+    /// Frees per-key state of a deleted key.
+    pub fn forget_key(&self, id: &str) {
+        self.limits.forget(id);
+    }
+
+    /// Handles one data-plane request: one access-log line, usage and metrics.
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let rt = self.runtime.load_full();
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let client_ip = proxy::client_ip(conn.peer.ip(), req.headers(), &rt.config.server.trusted_proxies);
-        let mut log = AccessLog::default();
-        let resp = match self.process(&rt, req, &conn, &mut log).await {
+        let ip = proxy::client_ip(conn.peer.ip(), req.headers(), &rt.config.server.trusted_proxies);
+        let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let mut out = Outcome::default();
+        let mut resp = match self.process(&rt, req, &conn, ip, &mut out).await {
             Ok(r) => r,
             Err(e) => {
-                log.error = Some(e.code());
+                out.error = Some(e.code());
                 e.to_response()
             }
         };
-        let deployment = log.deployment.and_then(|i| rt.config.deployments.get(i)).map(|d| d.name.as_str());
+        if let Some(d) = out.rate {
+            set_rate_headers(resp.headers_mut(), d);
+        }
+        let status = resp.status().as_u16();
+        let dep = out.deployment.and_then(|i| rt.deployments.get(i));
+        match dep {
+            Some(d) => d.counters.count(status),
+            None => self.metrics.count_unrouted(status),
+        }
+        if out.authorized || out.error.is_some_and(|c| c != "no_route") {
+            self.metrics.count_auth(if out.authorized && out.error.is_none_or(|c| c.starts_with("upstream")) { "ok" } else { out.error.unwrap_or("ok") });
+        }
+        if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation.clone()) {
+            self.usage.record(Hit { key: &key.id, deployment: &d.name, operation: op, status, now: unix_now(), ip, user_agent: user_agent.as_ref() });
+        }
         tracing::info!(
             target: "keygate::access",
-            client_ip = %client_ip,
+            client_ip = %ip,
             method = %method,
             path = uri.path(),
-            status = resp.status().as_u16(),
-            key_id = log.key_id.as_ref().map(|k| &*k.id),
-            deployment,
-            operation = log.operation.as_deref(),
-            error = log.error,
+            status,
+            key_id = out.key.as_ref().map(|k| &*k.id),
+            deployment = dep.map(|d| &*d.name),
+            operation = out.operation.as_ref().map(Operation::as_str),
+            error = out.error,
             latency_us = start.elapsed().as_micros() as u64,
             "request"
         );
         resp
     }
 
-    fn verifier<'a>(&'a self, cfg: &'a Config) -> Verifier<'a> {
-        Verifier { index: &self.keys, hasher: &self.hasher, auth: &cfg.auth }
-    }
-
-    async fn process(&self, rt: &Runtime, req: Request<Incoming>, conn: &ConnInfo, log: &mut AccessLog) -> Result<Response<Body>, GatewayError> {
+    async fn process(&self, rt: &Runtime, req: Request<Incoming>, conn: &ConnInfo, ip: IpAddr, out: &mut Outcome) -> Result<Response<Body>, GatewayError> {
         let cfg = &rt.config;
         if let Some(fa) = cfg.auth.forward_auth_path.as_deref() {
             if router::segment_prefix(req.uri().path(), fa) {
-                return self.forward_auth(cfg, &req, fa, log);
+                return self.forward_auth(rt, &req, fa, ip, out);
             }
         }
         let m = router::route(cfg, request_host(&req), req.uri().path(), req.method()).ok_or(GatewayError::NoRoute)?;
-        log.deployment = Some(m.index);
-        log.operation = Some(m.operation(req.method()).into());
-        let key = self.check(cfg, req.headers(), req.uri().query(), &m, req.method(), log)?;
-        self.forward(rt, req, conn, &m, &key).await
+        self.note_route(rt, &m, req.method(), out);
+        let key = self.check(rt, req.headers(), req.uri().query(), &m, req.method(), ip, out)?;
+        let started = Instant::now();
+        let result = self.forward(rt, req, conn, &m, &key).await;
+        if result.is_ok() || matches!(result, Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable)) {
+            self.metrics.observe_upstream(started.elapsed());
+        }
+        result
     }
 
-    /// Credential → key → deployment/scope checks.
-    fn check(&self, cfg: &Config, headers: &HeaderMap, query: Option<&str>, m: &RouteMatch<'_>, method: &Method, log: &mut AccessLog) -> Result<Arc<LiveKey>, GatewayError> {
-        let cred = extract_credential(headers, query, &cfg.auth)?;
-        let key = self.verifier(cfg).identify(cred.secret, unix_now())?;
-        log.key_id = Some(key.clone());
+    fn note_route(&self, rt: &Runtime, m: &RouteMatch<'_>, method: &Method, out: &mut Outcome) {
+        out.deployment = Some(m.index);
+        out.operation = Some(match m.route_index.and_then(|i| rt.deployments.get(m.index)?.route_names.get(i)) {
+            Some(name) => Operation::Route(name.clone()),
+            None => Operation::Method(method.clone()),
+        });
+    }
+
+    /// Failed-auth guard → credential → key → deployment/scope → rate limit.
+    #[allow(clippy::too_many_arguments)]
+    fn check(&self, rt: &Runtime, headers: &HeaderMap, query: Option<&str>, m: &RouteMatch<'_>, method: &Method, ip: IpAddr, out: &mut Outcome) -> Result<Arc<LiveKey>, GatewayError> {
+        let cfg = &rt.config;
+        let blocked = self.failed_auth.blocked(ip);
+        let identified = extract_credential(headers, query, &cfg.auth).and_then(|cred| {
+            if let Some(retry) = blocked {
+                // A blocked address gets no key lookup for credentials that cannot be keys.
+                if check_secret_format(cred.secret, &cfg.auth.prefix, &cfg.auth.environments).is_none() {
+                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                }
+            }
+            Verifier { index: &self.keys, hasher: &self.hasher, auth: &cfg.auth }.identify(cred.secret, unix_now())
+        });
+        let key = match identified {
+            Ok(k) => k,
+            Err(e) if counts_as_failed_auth(&e) => {
+                if let Some(retry) = self.failed_auth.record_failure(ip).or(blocked) {
+                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        out.key = Some(key.clone());
         authorize(&key, m.deployment, m.route, method)?;
+        let decision = self.limits.check(&key.id, cfg.limit_for(key.role, key.rate_limit.as_ref()));
+        out.rate = Some(decision);
+        if let Decision::Denied { limit, retry_after, window, .. } = decision {
+            return Err(GatewayError::RateLimited { limit, window_seconds: window, retry_after_seconds: retry_after });
+        }
+        out.authorized = true;
         Ok(key)
     }
 
@@ -144,9 +277,7 @@ impl Gateway {
         let d = m.deployment;
         let upgrade = proxy::is_upgrade_request(&req);
         let (mut parts, incoming) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         let headers = &mut parts.headers;
         proxy::strip_keygate_headers(headers);
         proxy::strip_credential(headers, &cfg.auth);
@@ -164,7 +295,7 @@ impl Gateway {
             }
             (_, q) => q,
         };
-        match (&d.upstream, rt.clients.get(m.index).and_then(Option::as_ref)) {
+        match (&d.upstream, rt.deployments.get(m.index).and_then(|r| r.client.as_ref())) {
             (Upstream::Http { scheme, authority, base_path }, Some(client)) => {
                 parts.uri = proxy::upstream_uri(scheme, authority, base_path, path, query)?;
                 proxy::forward(client, Request::from_parts(parts, incoming), d.timeout).await
@@ -183,7 +314,8 @@ impl Gateway {
     /// The forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`, Envoy
     /// `ext_authz`): the same checks on the original request described by headers, no
     /// forwarding; 200 with the identity headers, or the error.
-    fn forward_auth(&self, cfg: &Config, req: &Request<Incoming>, own_path: &str, log: &mut AccessLog) -> Result<Response<Body>, GatewayError> {
+    fn forward_auth(&self, rt: &Runtime, req: &Request<Incoming>, own_path: &str, ip: IpAddr, out: &mut Outcome) -> Result<Response<Body>, GatewayError> {
+        let cfg = &rt.config;
         let h = req.headers();
         let method = match header_str(h, "x-forwarded-method").or_else(|| header_str(h, "x-original-method")) {
             Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| GatewayError::invalid("x-forwarded-method", "bad method"))?,
@@ -191,19 +323,15 @@ impl Gateway {
         };
         // Envoy appends the original path to the auth service's path prefix.
         let envoy_path = req.uri().path().get(own_path.len()..).filter(|p| p.starts_with('/'));
-        let original = header_str(h, "x-forwarded-uri")
-            .or_else(|| header_str(h, "x-original-uri"))
-            .or(envoy_path)
-            .unwrap_or("/");
+        let original = header_str(h, "x-forwarded-uri").or_else(|| header_str(h, "x-original-uri")).or(envoy_path).unwrap_or("/");
         let (path, query) = match original.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (original, envoy_path.and(req.uri().query())),
         };
         let host = header_str(h, "x-forwarded-host").or_else(|| request_host(req));
         let m = router::route(cfg, host, path, &method).ok_or(GatewayError::NoRoute)?;
-        log.deployment = Some(m.index);
-        log.operation = Some(m.operation(&method).into());
-        let key = self.check(cfg, h, query, &m, &method, log)?;
+        self.note_route(rt, &m, &method, out);
+        let key = self.check(rt, h, query, &m, &method, ip, out)?;
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = StatusCode::OK;
         proxy::set_identity_headers(resp.headers_mut(), &key, m.deployment);

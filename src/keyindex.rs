@@ -15,7 +15,7 @@ use crate::units::Limit;
 #[derive(Debug)]
 pub struct LiveKey {
     /// Public id.
-    pub id: Box<str>,
+    pub id: std::sync::Arc<str>,
     /// Role.
     pub role: Role,
     /// Granted scopes.

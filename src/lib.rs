@@ -4,6 +4,7 @@
 //! → forward (`proxy`) → log. Keys live in redb (`store`) and are managed by `manage`,
 //! used by both the CLI (`cli`) and the admin API.
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod body;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod keyindex;
 pub mod keys;
 pub mod manage;
+pub mod metrics;
 pub mod router;
 pub mod store;
 pub mod units;
@@ -19,4 +21,6 @@ pub mod echo;
 pub mod gateway;
 pub mod logging;
 pub mod proxy;
+pub mod ratelimit;
 pub mod server;
+pub mod usage;

@@ -13,6 +13,8 @@ pub struct RouteMatch<'a> {
     pub deployment: &'a Deployment,
     /// The first matching route rule, if any.
     pub route: Option<&'a Route>,
+    /// Its position in the deployment's rules.
+    pub route_index: Option<usize>,
 }
 
 impl RouteMatch<'_> {
@@ -88,11 +90,12 @@ pub fn route<'a>(cfg: &'a Config, host: Option<&str>, path: &str, method: &Metho
     let (_, _, index) = best?;
     let deployment = &cfg.deployments[index];
     let rest = strip_segment_prefix(path, &deployment.path_prefix);
-    let route = deployment
+    let route_index = deployment
         .routes
         .iter()
-        .find(|r| (r.methods.is_empty() || r.methods.contains(method)) && segment_prefix(rest, &r.path));
-    Some(RouteMatch { index, deployment, route })
+        .position(|r| (r.methods.is_empty() || r.methods.contains(method)) && segment_prefix(rest, &r.path));
+    let route = route_index.map(|i| &deployment.routes[i]);
+    Some(RouteMatch { index, deployment, route, route_index })
 }
 
 #[cfg(test)]

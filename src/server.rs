@@ -21,11 +21,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::AdminApi;
+use crate::audit::Actor;
 use crate::body::Body;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::keyindex::KeyIndex;
 use crate::keys::SecretHasher;
+use crate::manage::{KeyManager, KeySpec};
+use crate::usage::Usage;
 use crate::proxy::ConnInfo;
 use crate::store::Store;
 
@@ -235,47 +239,150 @@ pub async fn serve_listener<H: Handler>(
 pub struct Running {
     /// Data-plane address actually bound.
     pub data_addr: SocketAddr,
+    /// Admin API address actually bound.
+    pub admin_addr: SocketAddr,
     /// The shared state.
     pub gateway: Arc<Gateway>,
     /// The key store.
     pub store: Arc<Store>,
+    /// Key management bound to the live index.
+    pub manager: Arc<KeyManager>,
+    /// The admin key minted on first start of an empty store (shown once).
+    pub bootstrap_secret: Option<String>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    listeners: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Begins graceful shutdown: stop accepting, drain connections.
+    /// Begins graceful shutdown: readiness turns 503, listeners stop accepting and drain.
     pub fn shutdown(&self) {
+        self.gateway.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
     }
 
-    /// Waits until every listener has drained (or its grace ran out).
+    /// Waits until every listener has drained (or its grace ran out), then flushes usage.
     pub async fn wait(self) {
-        for t in self.tasks {
+        for t in self.listeners {
             let _ = t.await;
+        }
+        for t in self.background {
+            t.abort();
+        }
+        let usage = self.gateway.usage.clone();
+        match tokio::task::spawn_blocking(move || usage.flush()).await {
+            Ok(Ok(n)) => tracing::info!(requests = n, "final usage flush"),
+            Ok(Err(e)) => tracing::error!(error = %e, "final usage flush failed"),
+            Err(e) => tracing::error!(error = %e, "final usage flush panicked"),
         }
     }
 }
 
-/// Opens the store, loads the keys and starts the listeners.
+/// Mints the first admin key when the store has never had one.
+fn bootstrap(store: &Store, manager: &KeyManager, config: &Config) -> anyhow::Result<Option<String>> {
+    const MARK: &str = "bootstrapped";
+    if store.meta_get(MARK)?.is_some() {
+        return Ok(None);
+    }
+    let minted = if store.key_count()? == 0 {
+        let spec = KeySpec {
+            name: Some("bootstrap admin".into()),
+            role: Some("admin".into()),
+            description: Some("minted on first start; rotate or revoke once you have your own admin keys".into()),
+            ..Default::default()
+        };
+        let v = manager.create(config, &spec, &Actor::local()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        v["secret"].as_str().map(str::to_string)
+    } else {
+        None
+    };
+    store.meta_set(MARK, b"1")?;
+    Ok(minted)
+}
+
+/// Opens the store, loads the keys and starts the listeners and background tasks.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(Store::open(&config.store.path)?);
     let keys = Arc::new(KeyIndex::new());
+    let loaded = Instant::now();
     let records = store.list_keys().context("loading keys")?;
     keys.load(records.iter());
-    tracing::info!(keys = records.len(), store = %config.store.path.display(), "key store loaded");
+    tracing::info!(keys = records.len(), elapsed_ms = loaded.elapsed().as_millis() as u64, store = %config.store.path.display(), "key store loaded");
     drop(records);
+    let usage = Arc::new(Usage::new(store.clone())?);
+    let hasher = SecretHasher::from_env();
+    let mut manager = KeyManager::new(store.clone(), Some(keys.clone()), hasher.clone());
+    manager.usage = usage.clone();
+    let manager = Arc::new(manager);
+    let bootstrap_secret = bootstrap(&store, &manager, &config)?;
+
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
     let data_addr = listener.local_addr()?;
-    let gateway = Arc::new(Gateway::new(config, keys, SecretHasher::from_env()));
+    let admin_addr = admin_listener.local_addr()?;
+    let gateway = Arc::new(Gateway::new(config, keys, hasher, usage.clone()));
+    let admin = Arc::new(AdminApi { gateway: gateway.clone(), manager: manager.clone(), usage: usage.clone() });
+
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let grace_gw = gateway.clone();
-    let grace = move || grace_gw.runtime.load().config.server.shutdown_grace;
-    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx, grace, false));
+    let grace_of = |gw: Arc<Gateway>| move || gw.runtime.load().config.server.shutdown_grace;
+    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), false));
+    let admin_task = tokio::spawn(serve_listener(admin_listener, admin, shutdown_rx, grace_of(gateway.clone()), false));
+    let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
-    Ok(Running { data_addr, gateway, store, shutdown, tasks: vec![data] })
+    tracing::info!(listen = %admin_addr, "admin API listening");
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        gateway,
+        store,
+        manager,
+        bootstrap_secret,
+        shutdown,
+        listeners: vec![data, admin_task],
+        background: vec![flusher],
+    })
+}
+
+/// Flushes usage every `usage_flush_interval`, prunes old days hourly, and keeps the
+/// failed-auth limiter's memory bounded.
+async fn usage_flusher(gateway: Arc<Gateway>) {
+    let mut last_prune: Option<Instant> = None;
+    loop {
+        let (interval, retention) = {
+            let rt = gateway.runtime.load();
+            (rt.config.store.usage_flush_interval, rt.config.store.usage_retention_days)
+        };
+        tokio::time::sleep(interval).await;
+        let usage = gateway.usage.clone();
+        let prune = last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
+        let result = tokio::task::spawn_blocking(move || {
+            let flushed = usage.flush();
+            let pruned = if prune { Some(usage.prune(retention)) } else { None };
+            (flushed, pruned)
+        })
+        .await;
+        match result {
+            Ok((flushed, pruned)) => {
+                if let Err(e) = flushed {
+                    tracing::error!(error = %e, "usage flush failed");
+                }
+                if let Some(p) = pruned {
+                    last_prune = Some(Instant::now());
+                    match p {
+                        Ok(n) if n > 0 => tracing::info!(rows = n, "pruned old usage"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "usage pruning failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "usage flush task failed"),
+        }
+        gateway.failed_auth.housekeeping();
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -293,6 +400,12 @@ async fn stop_signal() -> anyhow::Result<&'static str> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::logging::init(&config.log);
     let running = start(config).await?;
+    if let Some(secret) = &running.bootstrap_secret {
+        // The one time this secret is shown: printed, never logged.
+        println!(
+            "\nFirst start with an empty key store: minted an admin key.\n\n    {secret}\n\nStore it now (e.g. export KEYGATE_ADMIN_KEY=...); it will not be shown again.\n"
+        );
+    }
     let signal = stop_signal().await?;
     tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
     running.shutdown();

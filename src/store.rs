@@ -29,7 +29,7 @@ pub enum StoreError {
     },
     /// redb reported an error.
     #[error("key store error: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     /// A record could not be decoded.
     #[error("key store record is corrupt: {0}")]
     Corrupt(String),
@@ -41,11 +41,11 @@ pub enum StoreError {
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+            fn from(e: $t) -> Self { StoreError::Db(Box::new(e.into())) }
         }
     )*};
 }
-from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 /// The embedded key store.
 pub struct Store {
@@ -91,7 +91,7 @@ impl Store {
                 }
                 return Err(StoreError::Io { path: path.to_path_buf(), source });
             }
-            Err(e) => return Err(StoreError::Db(e.into())),
+            Err(e) => return Err(StoreError::Db(Box::new(e.into()))),
         };
         let txn = db.begin_write()?;
         txn.open_table(KEYS)?;

@@ -18,7 +18,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keygate::audit::Actor;
 use keygate::config::Config;
-use keygate::keys::SecretHasher;
 use keygate::manage::{KeyManager, KeySpec};
 use keygate::server::{self, Running};
 use tokio::net::TcpListener;
@@ -100,10 +99,8 @@ async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<UpBody>
                 .await;
                 let (mut tx, mut rx) = ws.split();
                 while let Some(Ok(msg)) = rx.next().await {
-                    if msg.is_text() || msg.is_binary() {
-                        if tx.send(msg).await.is_err() {
-                            break;
-                        }
+                    if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+                        break;
                     }
                 }
             }
@@ -148,7 +145,7 @@ pub struct TestGateway {
     pub running: Running,
     pub dir: tempfile::TempDir,
     pub config: Config,
-    pub manager: KeyManager,
+    pub manager: Arc<KeyManager>,
 }
 
 /// The config text with listeners on 127.0.0.1:0 and the store in `dir`, followed by `rest`
@@ -168,7 +165,7 @@ pub async fn start_gateway_with(text_for: impl FnOnce(&std::path::Path) -> Strin
     std::fs::write(&path, &text).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
     let running = server::start(config.clone()).await.unwrap();
-    let manager = KeyManager::new(running.store.clone(), Some(running.gateway.keys.clone()), SecretHasher::from_env());
+    let manager = running.manager.clone();
     TestGateway { running, dir, config, manager }
 }
 

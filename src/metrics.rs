@@ -1,0 +1,166 @@
+//! Prometheus metrics, kept in atomics (no locks, no allocation on the request path) and
+//! rendered as text on `GET /metrics` of the admin listener.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+/// Upper bounds (seconds) of the upstream latency histogram.
+const BUCKETS: [f64; 11] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Auth outcomes counted, by code.
+const AUTH_CODES: [&str; 9] = [
+    "ok",
+    "missing_key",
+    "invalid_key",
+    "key_expired",
+    "ambiguous_credentials",
+    "deployment_forbidden",
+    "insufficient_scope",
+    "too_many_failures",
+    "rate_limited",
+];
+
+/// Request counters of one deployment, by status class.
+#[derive(Default)]
+pub struct DeploymentCounters {
+    by_class: [AtomicU64; 5],
+}
+
+impl DeploymentCounters {
+    /// Counts a response status.
+    pub fn count(&self, status: u16) {
+        let i = match status {
+            0..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// All metrics of a gateway.
+pub struct Metrics {
+    deployments: DashMap<Arc<str>, Arc<DeploymentCounters>>,
+    unrouted: DeploymentCounters,
+    auth: [AtomicU64; AUTH_CODES.len()],
+    rate_limited: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+    /// Config reloads that applied.
+    pub reloads_ok: AtomicU64,
+    /// Config reloads rejected (bad file).
+    pub reloads_failed: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            deployments: DashMap::new(),
+            unrouted: DeploymentCounters::default(),
+            auth: Default::default(),
+            rate_limited: AtomicU64::new(0),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_micros: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Gauges read at render time.
+pub struct Gauges {
+    /// Digests in the live index.
+    pub keys_loaded: u64,
+    /// Usage requests counted but not yet flushed.
+    pub usage_pending: u64,
+    /// Duration of the last usage flush.
+    pub usage_flush_seconds: f64,
+}
+
+impl Metrics {
+    /// The counters of a deployment (kept across reloads by name).
+    pub fn deployment(&self, name: &str) -> Arc<DeploymentCounters> {
+        if let Some(c) = self.deployments.get(name) {
+            return c.clone();
+        }
+        self.deployments.entry(Arc::from(name)).or_default().clone()
+    }
+
+    /// Counts a request that matched no deployment.
+    pub fn count_unrouted(&self, status: u16) {
+        self.unrouted.count(status);
+    }
+
+    /// Counts an authentication outcome (`ok` or an error code).
+    pub fn count_auth(&self, code: &str) {
+        if let Some(i) = AUTH_CODES.iter().position(|c| *c == code) {
+            self.auth[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if code == "rate_limited" {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Observes an upstream round trip (to response headers).
+    pub fn observe_upstream(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        out.push_str("# HELP keygate_requests_total Data-plane requests by deployment and status class.\n# TYPE keygate_requests_total counter\n");
+        let mut deps: Vec<(Arc<str>, Arc<DeploymentCounters>)> = self.deployments.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        deps.sort_by(|a, b| a.0.cmp(&b.0));
+        let unrouted: (&str, &DeploymentCounters) = ("", &self.unrouted);
+        for (name, c) in deps.iter().map(|(n, c)| (&**n, &**c)).chain(std::iter::once(unrouted)) {
+            for (i, class) in classes.iter().enumerate() {
+                let _ = writeln!(out, "keygate_requests_total{{deployment=\"{}\",status=\"{class}\"}} {}", escape(name), c.by_class[i].load(Ordering::Relaxed));
+            }
+        }
+        out.push_str("# HELP keygate_auth_total Authentication outcomes by result code.\n# TYPE keygate_auth_total counter\n");
+        for (i, code) in AUTH_CODES.iter().enumerate() {
+            let _ = writeln!(out, "keygate_auth_total{{result=\"{code}\"}} {}", self.auth[i].load(Ordering::Relaxed));
+        }
+        out.push_str("# HELP keygate_rate_limited_total Requests refused by a key's rate limit.\n# TYPE keygate_rate_limited_total counter\n");
+        let _ = writeln!(out, "keygate_rate_limited_total {}", self.rate_limited.load(Ordering::Relaxed));
+        out.push_str("# HELP keygate_upstream_latency_seconds Time from forwarding to the upstream's response headers.\n# TYPE keygate_upstream_latency_seconds histogram\n");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "keygate_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "keygate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "keygate_upstream_latency_seconds_sum {}", self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "keygate_upstream_latency_seconds_count {count}");
+        out.push_str("# HELP keygate_keys_loaded Secret digests in the live key index.\n# TYPE keygate_keys_loaded gauge\n");
+        let _ = writeln!(out, "keygate_keys_loaded {}", gauges.keys_loaded);
+        out.push_str("# HELP keygate_usage_pending_requests Counted requests not yet flushed to the store.\n# TYPE keygate_usage_pending_requests gauge\n");
+        let _ = writeln!(out, "keygate_usage_pending_requests {}", gauges.usage_pending);
+        out.push_str("# HELP keygate_usage_flush_seconds Duration of the last usage flush.\n# TYPE keygate_usage_flush_seconds gauge\n");
+        let _ = writeln!(out, "keygate_usage_flush_seconds {}", gauges.usage_flush_seconds);
+        out.push_str("# HELP keygate_config_reloads_total Configuration reloads by result.\n# TYPE keygate_config_reloads_total counter\n");
+        let _ = writeln!(out, "keygate_config_reloads_total{{result=\"ok\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
+        let _ = writeln!(out, "keygate_config_reloads_total{{result=\"failed\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

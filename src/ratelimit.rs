@@ -1,0 +1,242 @@
+//! Rate limits: per-key GCRA limiters (governor, lock-free) and the failed-authentication
+//! limiter per client IP.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+
+use crate::units::Limit;
+
+type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type IpLimiter = RateLimiter<IpAddr, DashMapStateStore<IpAddr>, DefaultClock>;
+
+/// `N/period` with a burst of N as a governor quota.
+fn quota(limit: Limit) -> Quota {
+    let n = NonZeroU32::new(limit.requests).unwrap_or(NonZeroU32::MIN);
+    let per_cell = (limit.period / n.get()).max(Duration::from_nanos(1));
+    Quota::with_period(per_cell).map_or_else(|| Quota::per_second(n), |q| q.allow_burst(n))
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The outcome of a rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// No limit applies.
+    Unlimited,
+    /// Allowed; the numbers for the `RateLimit-*` headers.
+    Allowed {
+        /// Requests per window.
+        limit: u32,
+        /// Left after this request.
+        remaining: u32,
+        /// Seconds until the full limit is available again.
+        reset: u64,
+        /// Window length in seconds.
+        window: u64,
+    },
+    /// Refused.
+    Denied {
+        /// Requests per window.
+        limit: u32,
+        /// Seconds until a request will pass.
+        retry_after: u64,
+        /// Seconds until the full limit is available again.
+        reset: u64,
+        /// Window length in seconds.
+        window: u64,
+    },
+}
+
+struct Slot {
+    limit: Limit,
+    limiter: KeyLimiter,
+}
+
+/// Per-key limiters, created on first use and replaced when the key's limit changes.
+#[derive(Default)]
+pub struct KeyLimits {
+    slots: DashMap<Arc<str>, Arc<Slot>>,
+    clock: DefaultClock,
+}
+
+impl KeyLimits {
+    /// New, empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn slot(&self, key: &Arc<str>, limit: Limit) -> Arc<Slot> {
+        if let Some(s) = self.slots.get(key) {
+            if s.limit == limit {
+                return s.clone();
+            }
+        }
+        let fresh = Arc::new(Slot { limit, limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone()).with_middleware() });
+        let mut entry = self.slots.entry(key.clone()).or_insert_with(|| fresh.clone());
+        if entry.limit != limit {
+            *entry = fresh;
+        }
+        entry.clone()
+    }
+
+    /// Counts one request of `key` against `limit`.
+    pub fn check(&self, key: &Arc<str>, limit: Option<Limit>) -> Decision {
+        let Some(limit) = limit else { return Decision::Unlimited };
+        let slot = self.slot(key, limit);
+        let per_cell = limit.period / limit.requests.max(1);
+        let window = ceil_secs(limit.period);
+        match slot.limiter.check() {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                let used = limit.requests.saturating_sub(remaining);
+                Decision::Allowed { limit: limit.requests, remaining, reset: ceil_secs(per_cell * used), window }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Decision::Denied {
+                    limit: limit.requests,
+                    retry_after: ceil_secs(wait).max(1),
+                    reset: ceil_secs(wait + per_cell * limit.requests.saturating_sub(1)),
+                    window,
+                }
+            }
+        }
+    }
+
+    /// Frees the limiter of a deleted key.
+    pub fn forget(&self, key: &str) {
+        self.slots.remove(key);
+    }
+
+    /// Number of keys with limiter state.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no key has limiter state.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+struct FailLimiter {
+    limit: Limit,
+    limiter: IpLimiter,
+}
+
+/// Failed authentications per client IP. An IP over its limit is refused before any key
+/// lookup for malformed or missing credentials.
+#[derive(Default)]
+pub struct FailedAuth {
+    current: ArcSwapOption<FailLimiter>,
+    blocked_until: DashMap<IpAddr, std::time::Instant>,
+    clock: DefaultClock,
+}
+
+impl FailedAuth {
+    /// New; call [`FailedAuth::configure`] with the limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the limit (keeps state when unchanged).
+    pub fn configure(&self, limit: Option<Limit>) {
+        let same = match (self.current.load().as_deref(), limit) {
+            (Some(cur), Some(l)) => cur.limit == l,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.current.store(limit.map(|l| Arc::new(FailLimiter { limit: l, limiter: RateLimiter::dashmap_with_clock(quota(l), self.clock.clone()) })));
+            self.blocked_until.clear();
+        }
+    }
+
+    /// Seconds the IP stays blocked, if it is.
+    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        if self.blocked_until.is_empty() {
+            return None;
+        }
+        let until = *self.blocked_until.get(&ip)?;
+        let now = std::time::Instant::now();
+        if now < until {
+            Some(ceil_secs(until - now).max(1))
+        } else {
+            self.blocked_until.remove(&ip);
+            None
+        }
+    }
+
+    /// Counts a failure; returns the retry-after seconds when the IP is now over the limit.
+    pub fn record_failure(&self, ip: IpAddr) -> Option<u64> {
+        let cur = self.current.load();
+        let fl = cur.as_deref()?;
+        match fl.limiter.check_key(&ip) {
+            Ok(_) => None,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                self.blocked_until.insert(ip, std::time::Instant::now() + wait);
+                Some(ceil_secs(wait).max(1))
+            }
+        }
+    }
+
+    /// Drops state of IPs that have not failed recently (bounded memory).
+    pub fn housekeeping(&self) {
+        if let Some(fl) = self.current.load().as_deref() {
+            fl.limiter.retain_recent();
+            fl.limiter.shrink_to_fit();
+        }
+        let now = std::time::Instant::now();
+        self.blocked_until.retain(|_, until| *until > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exactly_n_pass_then_denied() {
+        let limits = KeyLimits::new();
+        let key: Arc<str> = Arc::from("key_a");
+        let limit = Limit::parse("5/1m").unwrap();
+        for i in 0..5 {
+            match limits.check(&key, limit) {
+                Decision::Allowed { remaining, limit: 5, .. } => assert_eq!(remaining, 4 - i),
+                other => panic!("request {i}: {other:?}"),
+            }
+        }
+        match limits.check(&key, limit) {
+            Decision::Denied { retry_after, limit: 5, window: 60, .. } => assert!((1..=12).contains(&retry_after), "{retry_after}"),
+            other => panic!("{other:?}"),
+        }
+        // A changed limit starts afresh.
+        assert!(matches!(limits.check(&key, Limit::parse("6/1m").unwrap()), Decision::Allowed { remaining: 5, .. }));
+        assert_eq!(limits.check(&key, None), Decision::Unlimited);
+    }
+
+    #[test]
+    fn failures_block_an_ip() {
+        let f = FailedAuth::new();
+        f.configure(Limit::parse("2/1m").unwrap());
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(f.record_failure(ip), None);
+        assert_eq!(f.record_failure(ip), None);
+        assert!(f.record_failure(ip).is_some());
+        assert!(f.blocked(ip).is_some());
+        assert!(f.blocked("10.0.0.2".parse().unwrap()).is_none());
+    }
+}

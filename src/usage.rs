@@ -1,0 +1,367 @@
+//! Usage accounting. The data plane only bumps in-memory counters; a background task
+//! flushes the deltas to redb in one write transaction per interval. Reports add the
+//! not-yet-flushed deltas so they are always current.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use dashmap::DashMap;
+use http::{HeaderValue, Method};
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::keys::{rfc3339, LastUsed};
+use crate::manage::LastUsedSource;
+use crate::store::{Store, StoreError};
+
+/// (key id, day number, deployment, operation, status class) → requests.
+const USAGE: TableDefinition<(&str, u32, &str, &str, u8), u64> = TableDefinition::new("usage");
+/// key id → JSON of [`StoredLastUse`].
+const LAST_USED: TableDefinition<&str, &[u8]> = TableDefinition::new("last_used");
+
+/// One report row: (day, deployment, operation, status class, requests).
+type UsageRow = (u32, String, String, u8, u64);
+
+/// Status classes, indexed 0..4.
+pub const CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// The status class index of a status code (1xx counts with 2xx).
+pub fn class_of(status: u16) -> u8 {
+    match status {
+        0..=299 => 0,
+        300..=399 => 1,
+        400..=499 => 2,
+        _ => 3,
+    }
+}
+
+/// Days since 1970-01-01 (UTC) for a Unix time.
+pub fn day_number(unix_secs: i64) -> u32 {
+    u32::try_from(unix_secs.div_euclid(86_400)).unwrap_or(0)
+}
+
+fn day_date(day: u32) -> NaiveDate {
+    DateTime::<Utc>::from_timestamp(i64::from(day) * 86_400, 0).unwrap_or_default().date_naive()
+}
+
+/// The operation a request counts under: a route's name, or the method when no rule matched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// A named route rule.
+    Route(Arc<str>),
+    /// No rule: the method.
+    Method(Method),
+}
+
+impl Operation {
+    /// The name used in reports.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Operation::Route(r) => r,
+            Operation::Method(m) => m.as_str(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CounterKey {
+    key: Arc<str>,
+    day: u32,
+    deployment: Arc<str>,
+    operation: Operation,
+    class: u8,
+}
+
+#[derive(Debug, Clone)]
+struct LastUse {
+    at: i64,
+    ip: IpAddr,
+    user_agent: Option<HeaderValue>,
+    dirty: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredLastUse {
+    at: i64,
+    ip: String,
+    user_agent: Option<String>,
+}
+
+/// One request to count.
+pub struct Hit<'a> {
+    /// Key id.
+    pub key: &'a Arc<str>,
+    /// Deployment name.
+    pub deployment: &'a Arc<str>,
+    /// Operation.
+    pub operation: Operation,
+    /// Response status.
+    pub status: u16,
+    /// Unix seconds.
+    pub now: i64,
+    /// Client address.
+    pub ip: IpAddr,
+    /// User agent.
+    pub user_agent: Option<&'a HeaderValue>,
+}
+
+/// Reads usage for reports (admin API, CLI).
+pub trait UsageReader: Send + Sync {
+    /// The usage report for `id` over the last `days` days (SPEC §3).
+    fn report(&self, id: &str, days: u32) -> Result<Value, StoreError>;
+    /// The summary shown with a key (the 7-day report).
+    fn summary(&self, id: &str) -> Result<Value, StoreError> {
+        self.report(id, 7)
+    }
+    /// Drops a deleted key's usage.
+    fn forget(&self, id: &str);
+}
+
+/// Usage counters and their persistence.
+pub struct Usage {
+    store: Arc<Store>,
+    counters: DashMap<CounterKey, AtomicU64>,
+    last: DashMap<Arc<str>, LastUse>,
+    /// Seconds the last flush took (for metrics), in microseconds.
+    pub last_flush_micros: AtomicU64,
+}
+
+impl Usage {
+    /// Usage over `store` (creates its tables).
+    pub fn new(store: Arc<Store>) -> Result<Self, StoreError> {
+        let txn = store.database().begin_write()?;
+        txn.open_table(USAGE)?;
+        txn.open_table(LAST_USED)?;
+        txn.commit()?;
+        Ok(Usage { store, counters: DashMap::new(), last: DashMap::new(), last_flush_micros: AtomicU64::new(0) })
+    }
+
+    /// Counts one request. No disk, no await, no allocation once the counter exists.
+    pub fn record(&self, hit: Hit<'_>) {
+        let key = CounterKey {
+            key: hit.key.clone(),
+            day: day_number(hit.now),
+            deployment: hit.deployment.clone(),
+            operation: hit.operation,
+            class: class_of(hit.status),
+        };
+        match self.counters.get(&key) {
+            Some(c) => {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                self.counters.entry(key).or_insert_with(|| AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let entry = LastUse { at: hit.now, ip: hit.ip, user_agent: hit.user_agent.cloned(), dirty: true };
+        match self.last.get_mut(hit.key) {
+            Some(mut l) => *l = entry,
+            None => {
+                self.last.insert(hit.key.clone(), entry);
+            }
+        }
+    }
+
+    /// Requests counted but not yet flushed.
+    pub fn pending(&self) -> u64 {
+        self.counters.iter().map(|c| c.value().load(Ordering::Relaxed)).sum()
+    }
+
+    /// Writes all deltas in one transaction. On failure the deltas are put back.
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        let started = Instant::now();
+        let mut deltas: Vec<(CounterKey, u64)> = Vec::new();
+        for c in self.counters.iter() {
+            let n = c.value().swap(0, Ordering::Relaxed);
+            if n > 0 {
+                deltas.push((c.key().clone(), n));
+            }
+        }
+        let mut lasts: Vec<(Arc<str>, StoredLastUse)> = Vec::new();
+        for mut l in self.last.iter_mut() {
+            if l.dirty {
+                l.dirty = false;
+                let ua = l.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                lasts.push((l.key().clone(), StoredLastUse { at: l.at, ip: l.ip.to_string(), user_agent: ua }));
+            }
+        }
+        if deltas.is_empty() && lasts.is_empty() {
+            return Ok(0);
+        }
+        let result = self.write(&deltas, &lasts);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "usage flush failed; keeping the counts for the next try");
+            for (k, n) in &deltas {
+                self.counters.entry(k.clone()).or_insert_with(|| AtomicU64::new(0)).fetch_add(*n, Ordering::Relaxed);
+            }
+            for (k, _) in &lasts {
+                if let Some(mut l) = self.last.get_mut(k) {
+                    l.dirty = true;
+                }
+            }
+        }
+        // Counters of past days that stayed at zero are done with.
+        let today = day_number(Utc::now().timestamp());
+        self.counters.retain(|k, v| k.day >= today || v.load(Ordering::Relaxed) > 0);
+        self.last_flush_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result.map(|()| deltas.iter().map(|(_, n)| n).sum())
+    }
+
+    fn write(&self, deltas: &[(CounterKey, u64)], lasts: &[(Arc<str>, StoredLastUse)]) -> Result<(), StoreError> {
+        let txn = self.store.database().begin_write()?;
+        {
+            let mut usage = txn.open_table(USAGE)?;
+            for (k, n) in deltas {
+                let key = (&*k.key, k.day, &*k.deployment, k.operation.as_str(), k.class);
+                let old = usage.get(key)?.map(|v| v.value()).unwrap_or(0);
+                usage.insert(key, old + n)?;
+            }
+            let mut last = txn.open_table(LAST_USED)?;
+            for (k, l) in lasts {
+                let bytes = serde_json::to_vec(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                last.insert(&**k, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes rows older than `retention_days`. Returns how many went.
+    pub fn prune(&self, retention_days: u32) -> Result<u64, StoreError> {
+        let cutoff = day_number(Utc::now().timestamp()).saturating_sub(retention_days.saturating_sub(1));
+        let txn = self.store.database().begin_write()?;
+        let mut removed = 0;
+        {
+            let mut usage = txn.open_table(USAGE)?;
+            usage.retain(|(_, day, _, _, _), _| {
+                let keep = day >= cutoff;
+                if !keep {
+                    removed += 1;
+                }
+                keep
+            })?;
+        }
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    /// Removes a key's usage from disk and memory.
+    pub fn delete_key(&self, id: &str) -> Result<(), StoreError> {
+        self.counters.retain(|k, _| &*k.key != id);
+        self.last.remove(id);
+        let txn = self.store.database().begin_write()?;
+        {
+            let mut usage = txn.open_table(USAGE)?;
+            usage.retain_in((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX), |_, _| false)?;
+            txn.open_table(LAST_USED)?.remove(id)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Rows (day, deployment, operation, class, count) for `id` from day `from` on,
+    /// stored plus pending.
+    fn rows(&self, id: &str, from: u32) -> Result<Vec<UsageRow>, StoreError> {
+        let mut merged: BTreeMap<(u32, String, String, u8), u64> = BTreeMap::new();
+        let txn = self.store.database().begin_read()?;
+        let usage = txn.open_table(USAGE)?;
+        for row in usage.range((id, from, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))? {
+            let (k, v) = row?;
+            let (_, day, dep, op, class) = k.value();
+            *merged.entry((day, dep.to_string(), op.to_string(), class)).or_default() += v.value();
+        }
+        for c in self.counters.iter() {
+            let k = c.key();
+            let n = c.value().load(Ordering::Relaxed);
+            if &*k.key == id && k.day >= from && n > 0 {
+                *merged.entry((k.day, k.deployment.to_string(), k.operation.as_str().to_string(), k.class)).or_default() += n;
+            }
+        }
+        Ok(merged.into_iter().map(|((d, dep, op, c), n)| (d, dep, op, c, n)).collect())
+    }
+
+    fn stored_last(&self, id: &str) -> Option<StoredLastUse> {
+        if let Some(l) = self.last.get(id) {
+            return Some(StoredLastUse {
+                at: l.at,
+                ip: l.ip.to_string(),
+                user_agent: l.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            });
+        }
+        let txn = self.store.database().begin_read().ok()?;
+        let table = txn.open_table(LAST_USED).ok()?;
+        let v = table.get(id).ok()??;
+        serde_json::from_slice(v.value()).ok()
+    }
+}
+
+fn share(part: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        ((part as f64 / total as f64) * 1000.0).round() / 1000.0
+    }
+}
+
+fn ranked(map: BTreeMap<String, u64>, total: u64) -> Vec<Value> {
+    let mut items: Vec<(String, u64)> = map.into_iter().collect();
+    items.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    items.into_iter().map(|(name, n)| json!({"name": name, "requests": n, "share": share(n, total)})).collect()
+}
+
+impl UsageReader for Usage {
+    fn report(&self, id: &str, days: u32) -> Result<Value, StoreError> {
+        let days = days.max(1);
+        let today = day_number(Utc::now().timestamp());
+        let from = today.saturating_sub(days - 1);
+        let rows = self.rows(id, from)?;
+        let mut per_day: BTreeMap<u32, u64> = (from..=today).map(|d| (d, 0)).collect();
+        let mut by_op: BTreeMap<String, u64> = BTreeMap::new();
+        let mut by_dep: BTreeMap<String, u64> = BTreeMap::new();
+        let mut by_class = [0u64; 4];
+        let mut total = 0;
+        for (day, dep, op, class, n) in rows {
+            *per_day.entry(day).or_default() += n;
+            *by_op.entry(op).or_default() += n;
+            *by_dep.entry(dep).or_default() += n;
+            by_class[usize::from(class.min(3))] += n;
+            total += n;
+        }
+        let errors = by_class[2] + by_class[3];
+        let last = self.stored_last(id);
+        let avg = ((total as f64 / f64::from(days)) * 10.0).round() / 10.0;
+        Ok(json!({
+            "key_id": id,
+            "days": per_day.iter().map(|(d, n)| json!({"date": day_date(*d).to_string(), "requests": n})).collect::<Vec<_>>(),
+            "total": total,
+            "avg_per_day": avg,
+            "by_operation": ranked(by_op, total),
+            "by_deployment": ranked(by_dep, total),
+            "by_status": {"2xx": by_class[0], "3xx": by_class[1], "4xx": by_class[2], "5xx": by_class[3]},
+            "error_rate": share(errors, total),
+            "last_used_at": last.as_ref().and_then(|l| DateTime::<Utc>::from_timestamp(l.at, 0)).map(|t| rfc3339(&t)),
+            "last_used_ip": last.as_ref().map(|l| l.ip.clone()),
+            "last_used_user_agent": last.as_ref().and_then(|l| l.user_agent.clone()),
+        }))
+    }
+
+    fn forget(&self, id: &str) {
+        if let Err(e) = self.delete_key(id) {
+            tracing::error!(error = %e, key_id = id, "could not delete the key's usage");
+        }
+    }
+}
+
+impl LastUsedSource for Usage {
+    fn last_used(&self, id: &str) -> LastUsed {
+        match self.stored_last(id) {
+            None => LastUsed::default(),
+            Some(l) => LastUsed { at: DateTime::<Utc>::from_timestamp(l.at, 0), ip: Some(l.ip), user_agent: l.user_agent },
+        }
+    }
+}
