@@ -215,8 +215,8 @@ impl AdminApi {
             }
             (&Method::DELETE, ["keys", id]) => {
                 let id = id.to_string();
-                let usage = self.usage.clone();
-                blocking(move || m.delete(&id, &actor)).await.map(|r| usage.forget(&r.id))?;
+                let deleted = blocking(move || m.delete(&id, &actor)).await?;
+                self.gateway.forget_key(&deleted.id);
                 let mut r = Response::new(body::empty());
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 Ok(r)

@@ -92,6 +92,8 @@ type Result<T> = std::result::Result<T, ManageError>;
 pub trait LastUsedSource: Send + Sync {
     /// Last-use facts for `id`.
     fn last_used(&self, id: &str) -> LastUsed;
+    /// Drops the usage of a deleted key.
+    fn forget(&self, _id: &str) {}
 }
 
 /// No usage recorded.
@@ -407,6 +409,7 @@ impl KeyManager {
         if let Some(index) = &self.index {
             index.apply(Some(&r), None);
         }
+        self.usage.forget(&r.id);
         Ok(r)
     }
 

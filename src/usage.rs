@@ -118,8 +118,6 @@ pub trait UsageReader: Send + Sync {
     fn summary(&self, id: &str) -> Result<Value, StoreError> {
         self.report(id, 7)
     }
-    /// Drops a deleted key's usage.
-    fn forget(&self, id: &str);
 }
 
 /// Usage counters and their persistence.
@@ -349,12 +347,6 @@ impl UsageReader for Usage {
             "last_used_user_agent": last.as_ref().and_then(|l| l.user_agent.clone()),
         }))
     }
-
-    fn forget(&self, id: &str) {
-        if let Err(e) = self.delete_key(id) {
-            tracing::error!(error = %e, key_id = id, "could not delete the key's usage");
-        }
-    }
 }
 
 impl LastUsedSource for Usage {
@@ -362,6 +354,12 @@ impl LastUsedSource for Usage {
         match self.stored_last(id) {
             None => LastUsed::default(),
             Some(l) => LastUsed { at: DateTime::<Utc>::from_timestamp(l.at, 0), ip: Some(l.ip), user_agent: l.user_agent },
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Err(e) = self.delete_key(id) {
+            tracing::error!(error = %e, key_id = id, "could not delete the key's usage");
         }
     }
 }
