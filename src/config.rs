@@ -213,7 +213,7 @@ struct RawServer {
     header_read_timeout: S<String>,
     idle_timeout: S<String>,
     shutdown_grace: S<String>,
-    proxy_protocol: Option<bool>,
+    proxy_protocol: S<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -413,7 +413,7 @@ impl Config {
             header_read_timeout: duration_or(loc, &s.header_read_timeout, Duration::from_secs(10))?,
             idle_timeout: duration_or(loc, &s.idle_timeout, Duration::from_secs(60))?,
             shutdown_grace: duration_or(loc, &s.shutdown_grace, Duration::from_secs(30))?,
-            proxy_protocol: s.proxy_protocol.unwrap_or(false),
+            proxy_protocol: s.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
         };
         for (field, v) in [("header_read_timeout", &s.header_read_timeout), ("idle_timeout", &s.idle_timeout)] {
             if let Some(v) = v {
@@ -423,7 +423,7 @@ impl Config {
             }
         }
         if server.proxy_protocol {
-            let v = s.listen.as_ref().map_or(0..0, |l| l.span());
+            let v = s.proxy_protocol.as_ref().map_or(0..0, |l| l.span());
             return Err(loc.at(v, "proxy_protocol is not supported by this version of keygate yet"));
         }
 
