@@ -144,20 +144,22 @@ impl AdminApi {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
+        let read = method == Method::GET || method == Method::HEAD;
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["healthz"]) => return ok(StatusCode::OK, &json!({"status": "ok"})),
-            (&Method::GET, ["readyz"]) => {
+            (_, ["healthz"]) if read => return ok(StatusCode::OK, &json!({"status": "ok"})),
+            (_, ["readyz"]) if read => {
                 return if self.gateway.draining.load(Ordering::Relaxed) {
                     ok(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}))
                 } else {
                     ok(StatusCode::OK, &json!({"status": "ready"}))
                 };
             }
-            (&Method::GET, ["metrics"]) => {
+            (_, ["metrics"]) if read => {
                 let mut r = Response::new(body::full(self.gateway.render_metrics()));
                 r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
                 return Ok(r);
             }
+            (_, ["healthz" | "readyz" | "metrics"]) => return method_not_allowed("GET, HEAD"),
             (_, ["v1", ..]) => {}
             _ => return Err(GatewayError::NotFound),
         }
@@ -252,13 +254,35 @@ impl AdminApi {
                     .map_err(|e| manage_err(e.into()))?;
                 ok(StatusCode::OK, &json!({"events": events}))
             }
-            (_, ["keys"] | ["keys", _] | ["keys", _, _] | ["verify"] | ["audit"]) => Err(GatewayError::MethodNotAllowed),
-            _ => {
+            (_, rest) => {
                 let _ = cfg;
-                Err(GatewayError::NotFound)
+                match allowed_methods(rest) {
+                    Some(allow) => method_not_allowed(allow),
+                    None => Err(GatewayError::NotFound),
+                }
             }
         }
     }
+}
+
+/// The methods a known `/v1/...` resource answers (for 405 and its `Allow` header).
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    match segments {
+        ["keys"] => Some("GET, POST"),
+        ["keys", _] => Some("GET, PATCH, DELETE"),
+        ["keys", _, "rotate" | "regenerate" | "revoke"] => Some("POST"),
+        ["keys", _, "usage"] => Some("GET"),
+        ["verify"] => Some("POST"),
+        ["audit"] => Some("GET"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` header RFC 9110 requires.
+fn method_not_allowed(allow: &'static str) -> Answer {
+    let mut r = GatewayError::MethodNotAllowed.to_response();
+    r.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static(allow));
+    Ok(r)
 }
 
 /// Runs a store-touching operation off the async workers.
@@ -276,6 +300,7 @@ impl Handler for AdminApi {
     }
 
     fn conn_settings(&self) -> ConnSettings {
-        self.gateway.conn_settings()
+        // The admin listener is reached directly, never through a PROXY-speaking balancer.
+        ConnSettings { proxy_protocol: false, ..self.gateway.conn_settings() }
     }
 }

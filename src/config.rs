@@ -52,6 +52,19 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Expect a PROXY protocol header on each connection.
     pub proxy_protocol: bool,
+    /// The optional TLS listener.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: a second data-plane listener speaking TLS (HTTP/1.1 + HTTP/2 by ALPN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// `[admin]`: the admin API listener.
@@ -214,6 +227,15 @@ struct RawServer {
     idle_timeout: S<String>,
     shutdown_grace: S<String>,
     proxy_protocol: S<bool>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: S<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -414,6 +436,22 @@ impl Config {
             idle_timeout: duration_or(loc, &s.idle_timeout, Duration::from_secs(60))?,
             shutdown_grace: duration_or(loc, &s.shutdown_grace, Duration::from_secs(30))?,
             proxy_protocol: s.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
+            tls: match &s.tls {
+                None => None,
+                Some(t) => {
+                    let resolve = |p: &Spanned<String>| -> Result<PathBuf, ConfigError> {
+                        if p.get_ref().trim().is_empty() {
+                            return Err(loc.at(p.span(), "the path must not be empty"));
+                        }
+                        let path = PathBuf::from(p.get_ref());
+                        Ok(if path.is_relative() { base_dir.join(path) } else { path })
+                    };
+                    let tls = TlsConfig { listen: addr_or(loc, &t.listen, "0.0.0.0:8443")?, cert: resolve(&t.cert)?, key: resolve(&t.key)? };
+                    // Fail `keygate check` (ExecStartPre) on a certificate that would not load.
+                    crate::tls::load_certified_key(&tls.cert, &tls.key).map_err(|e| loc.at(t.cert.span(), e))?;
+                    Some(tls)
+                }
+            },
         };
         for (field, v) in [("header_read_timeout", &s.header_read_timeout), ("idle_timeout", &s.idle_timeout)] {
             if let Some(v) = v {
@@ -422,11 +460,6 @@ impl Config {
                 }
             }
         }
-        if server.proxy_protocol {
-            let v = s.proxy_protocol.as_ref().map_or(0..0, |l| l.span());
-            return Err(loc.at(v, "proxy_protocol is not supported by this version of keygate yet"));
-        }
-
         let admin = AdminConfig { listen: addr_or(loc, &raw.admin.listen, "127.0.0.1:8091")? };
         if admin.listen == server.listen && admin.listen.port() != 0 {
             let span = raw.admin.listen.as_ref().map_or(0..0, |l| l.span());

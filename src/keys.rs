@@ -82,7 +82,9 @@ pub fn is_valid_id(id: &str) -> bool {
 pub fn check_secret_format<'a>(secret: &'a str, prefix: &str, environments: &[String]) -> Option<&'a str> {
     let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
     let bytes = secret.as_bytes();
-    if bytes.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
+    // Keys are ASCII; rejecting anything else first also keeps the byte-offset splits
+    // below on character boundaries (a multi-byte character there would panic).
+    if !secret.is_ascii() || bytes.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
         return None;
     }
     let rest = &secret[prefix.len()..];
@@ -377,6 +379,15 @@ mod tests {
         assert_eq!(check_secret_format("kg_ci_short", "kg", &envs()), None);
         assert_eq!(check_secret_format("", "kg", &envs()), None);
         assert_eq!(check_secret_format("kg_ci_é", "kg", &envs()), None);
+    }
+
+    #[test]
+    fn non_ascii_secret_is_rejected_without_panicking() {
+        let tail = "A".repeat(38);
+        // The env/body split would fall inside the two-byte 'é'.
+        assert_eq!(check_secret_format(&format!("kg_aé{tail}"), "kg", &envs()), None);
+        assert_eq!(check_secret_format(&format!("kg_prod_{}é", "A".repeat(37)), "kg", &envs()), None);
+        assert_eq!(check_secret_format(&"é".repeat(30), "kg", &envs()), None);
     }
 
     #[test]

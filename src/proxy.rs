@@ -218,16 +218,27 @@ pub fn strip_credential(headers: &mut HeaderMap, auth: &AuthConfig) {
         return;
     }
     headers.remove(&auth.header);
-    if auth.bearer {
+    if auth.bearer && headers.contains_key(header::AUTHORIZATION) {
         // Only our Bearer credential goes; another scheme (Basic…) is the upstream's business.
-        let ours = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
-        if ours {
+        // Every Authorization field is looked at: the Bearer one need not be the first.
+        let all = headers.get_all(header::AUTHORIZATION).iter().count();
+        let kept: Vec<HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().filter(|v| !is_bearer(v)).cloned().collect();
+        if kept.len() != all {
             headers.remove(header::AUTHORIZATION);
+            for v in kept {
+                headers.append(header::AUTHORIZATION, v);
+            }
         }
     }
+}
+
+/// True for an `Authorization` value with the Bearer scheme (as `auth` reads it).
+fn is_bearer(value: &HeaderValue) -> bool {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
 }
 
 /// Removes the key's query parameter from a query string; `None` when nothing is left.
@@ -341,6 +352,20 @@ mod tests {
         let untrusted: IpAddr = "9.9.9.9".parse().unwrap();
         assert_eq!(client_ip(untrusted, &h, &trusted()).to_string(), "9.9.9.9");
         assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted()).to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn only_bearer_authorization_fields_are_removed() {
+        let auth = crate::config::Config::parse(std::path::Path::new("t.toml"), "").unwrap().auth;
+        for order in [["Basic Zm9v", "Bearer k"], ["bearer k", "Basic Zm9v"]] {
+            let mut h = HeaderMap::new();
+            for v in order {
+                h.append(header::AUTHORIZATION, HeaderValue::from_static(v));
+            }
+            strip_credential(&mut h, &auth);
+            let left: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+            assert_eq!(left, ["Basic Zm9v"], "{order:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,10 @@ use crate::keys::SecretHasher;
 use crate::manage::{KeyManager, KeySpec};
 use crate::usage::Usage;
 use crate::proxy::ConnInfo;
+use crate::reload::{self, Reloader};
+use crate::tls::{self, load_certified_key, CertResolver};
+use crate::proxyproto::{self, Prefixed};
+use tokio_rustls::TlsAcceptor;
 use crate::store::Store;
 
 /// Per-connection timeouts.
@@ -40,6 +44,8 @@ pub struct ConnSettings {
     pub header_read_timeout: Duration,
     /// Close a connection with no traffic and no request in flight for this long.
     pub idle_timeout: Duration,
+    /// Expect a PROXY protocol header first.
+    pub proxy_protocol: bool,
 }
 
 /// Something that answers requests on a listener.
@@ -57,7 +63,8 @@ impl Handler for Gateway {
 
     fn conn_settings(&self) -> ConnSettings {
         let rt = self.runtime.load();
-        ConnSettings { header_read_timeout: rt.config.server.header_read_timeout, idle_timeout: rt.config.server.idle_timeout }
+        let server = &rt.config.server;
+        ConnSettings { header_read_timeout: server.header_read_timeout, idle_timeout: server.idle_timeout, proxy_protocol: server.proxy_protocol }
     }
 }
 
@@ -84,12 +91,12 @@ impl Activity {
 }
 
 /// A stream that records when bytes last moved.
-struct ActivityStream {
-    inner: TcpStream,
+struct ActivityStream<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for ActivityStream {
+impl<S: AsyncRead + Unpin> AsyncRead for ActivityStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -100,7 +107,7 @@ impl AsyncRead for ActivityStream {
     }
 }
 
-impl AsyncWrite for ActivityStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
@@ -141,9 +148,11 @@ impl Drop for InFlight {
 }
 
 /// Serves one connection until it closes, the idle timeout fires, or shutdown drains it.
-async fn serve_connection<H: Handler>(stream: TcpStream, conn: ConnInfo, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
-    let settings = handler.conn_settings();
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<H, S>(stream: S, conn: ConnInfo, handler: Arc<H>, settings: ConnSettings, mut shutdown: watch::Receiver<bool>)
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(ActivityStream { inner: stream, activity: activity.clone() });
     let svc_activity = activity.clone();
@@ -195,6 +204,37 @@ async fn serve_connection<H: Handler>(stream: TcpStream, conn: ConnInfo, handler
     }
 }
 
+/// Reads the PROXY header (when configured) and the TLS handshake (on a TLS listener),
+/// bounded by the header-read timeout, then serves HTTP.
+async fn accept_connection<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Arc<H>, tls: Option<TlsAcceptor>, shutdown: watch::Receiver<bool>) {
+    let settings = handler.conn_settings();
+    let _ = stream.set_nodelay(true);
+    let (stream, client) = if settings.proxy_protocol {
+        match tokio::time::timeout(settings.header_read_timeout, proxyproto::accept(stream)).await {
+            Ok(Ok((stream, addr))) => (stream, addr.unwrap_or(peer)),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %peer, error = %e, "closing a connection without a valid PROXY header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %peer, "closing a connection that sent no PROXY header in time");
+                return;
+            }
+        }
+    } else {
+        (Prefixed::new(stream), peer)
+    };
+    let conn = ConnInfo { peer: client, tls: tls.is_some() };
+    match tls {
+        None => serve_connection(stream, conn, handler, settings, shutdown).await,
+        Some(acceptor) => match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => serve_connection(tls_stream, conn, handler, settings, shutdown).await,
+            Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
+        },
+    }
+}
+
 /// Accepts on `listener` until `shutdown` turns true, then waits up to `grace()` for open
 /// connections to finish.
 pub async fn serve_listener<H: Handler>(
@@ -202,19 +242,19 @@ pub async fn serve_listener<H: Handler>(
     handler: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
     grace: impl Fn() -> Duration,
-    tls: bool,
+    tls: Option<TlsAcceptor>,
 ) {
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let conn = ConnInfo { peer, tls };
                     let handler = handler.clone();
                     let shutdown = shutdown.clone();
                     let open = open_tx.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        serve_connection(stream, conn, handler, shutdown).await;
+                        accept_connection(stream, peer, handler, tls, shutdown).await;
                         drop(open);
                     });
                 }
@@ -241,6 +281,10 @@ pub struct Running {
     pub data_addr: SocketAddr,
     /// Admin API address actually bound.
     pub admin_addr: SocketAddr,
+    /// TLS data-plane address, when `[server.tls]` is configured.
+    pub tls_addr: Option<SocketAddr>,
+    /// Reloads configuration and certificates.
+    pub reloader: Arc<Reloader>,
     /// The shared state.
     pub gateway: Arc<Gateway>,
     /// The key store.
@@ -324,25 +368,48 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
     let data_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let tls = match &config.server.tls {
+        None => None,
+        Some(t) => {
+            let key = load_certified_key(&t.cert, &t.key).map_err(anyhow::Error::msg)?;
+            let resolver = Arc::new(CertResolver::new(key));
+            let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
+            let l = TcpListener::bind(t.listen).await.with_context(|| format!("cannot listen on {} (server.tls.listen)", t.listen))?;
+            Some((l, acceptor, resolver))
+        }
+    };
+    let config_path = config.source.clone();
     let gateway = Arc::new(Gateway::new(config, keys, hasher, usage.clone()));
     let admin = Arc::new(AdminApi { gateway: gateway.clone(), manager: manager.clone(), usage: usage.clone() });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let grace_of = |gw: Arc<Gateway>| move || gw.runtime.load().config.server.shutdown_grace;
-    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), false));
-    let admin_task = tokio::spawn(serve_listener(admin_listener, admin, shutdown_rx, grace_of(gateway.clone()), false));
+    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), None));
+    let mut listeners = vec![data];
+    let mut tls_addr = None;
+    let mut resolver = None;
+    if let Some((l, acceptor, r)) = tls {
+        tls_addr = Some(l.local_addr()?);
+        resolver = Some(r);
+        listeners.push(tokio::spawn(serve_listener(l, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), Some(acceptor))));
+        tracing::info!(listen = ?tls_addr, "TLS data plane listening");
+    }
+    listeners.push(tokio::spawn(serve_listener(admin_listener, admin, shutdown_rx, grace_of(gateway.clone()), None)));
+    let reloader = Arc::new(Reloader::new(gateway.clone(), config_path, resolver));
     let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
     tracing::info!(listen = %admin_addr, "admin API listening");
     Ok(Running {
         data_addr,
         admin_addr,
+        tls_addr,
+        reloader,
         gateway,
         store,
         manager,
         bootstrap_secret,
         shutdown,
-        listeners: vec![data, admin_task],
+        listeners,
         background: vec![flusher],
     })
 }
@@ -385,20 +452,21 @@ async fn usage_flusher(gateway: Arc<Gateway>) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn stop_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// Tells systemd (when it started us with `Type=notify`) what we are doing.
+fn sd_notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
 }
 
-/// `keygate serve`: runs until SIGTERM/SIGINT, then drains gracefully.
+/// `keygate serve`: runs until SIGTERM/SIGINT, reloading on file changes and SIGHUP, then
+/// drains gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     crate::logging::init(&config.log);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let running = start(config).await?;
     if let Some(secret) = &running.bootstrap_secret {
         // The one time this secret is shown: printed, never logged.
@@ -406,8 +474,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "\nFirst start with an empty key store: minted an admin key.\n\n    {secret}\n\nStore it now (e.g. export KEYGATE_ADMIN_KEY=...); it will not be shown again.\n"
         );
     }
-    let signal = stop_signal().await?;
+    let _watcher = match reload::watch(running.reloader.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the configuration for changes; reload with SIGHUP");
+            None
+        }
+    };
+    sd_notify(&[sd_notify::NotifyState::Ready]);
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                sd_notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
+                let r = running.reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+                sd_notify(&[sd_notify::NotifyState::Ready]);
+            }
+        }
+    };
     tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+    sd_notify(&[sd_notify::NotifyState::Stopping]);
     running.shutdown();
     running.wait().await;
     tracing::info!("stopped");

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -125,6 +125,11 @@ pub struct Usage {
     store: Arc<Store>,
     counters: DashMap<CounterKey, AtomicU64>,
     last: DashMap<Arc<str>, LastUse>,
+    /// Held for writing across a flush (read counters → commit → subtract) and a key's
+    /// deletion, and for reading while a report merges stored rows with pending counters, so
+    /// that a report never sees a count twice or not at all, flushes never overlap, and a
+    /// flush cannot write back rows of a key deleted meanwhile. The request path never takes it.
+    flush_lock: RwLock<()>,
     /// Seconds the last flush took (for metrics), in microseconds.
     pub last_flush_micros: AtomicU64,
 }
@@ -136,7 +141,7 @@ impl Usage {
         txn.open_table(USAGE)?;
         txn.open_table(LAST_USED)?;
         txn.commit()?;
-        Ok(Usage { store, counters: DashMap::new(), last: DashMap::new(), last_flush_micros: AtomicU64::new(0) })
+        Ok(Usage { store, counters: DashMap::new(), last: DashMap::new(), flush_lock: RwLock::new(()), last_flush_micros: AtomicU64::new(0) })
     }
 
     /// Counts one request. No disk, no await, no allocation once the counter exists.
@@ -165,21 +170,27 @@ impl Usage {
         }
     }
 
-    /// Requests counted but not yet flushed.
+    /// Requests counted but not yet committed to the store. A request leaves this count only
+    /// once the transaction holding it has committed, so `0` means everything counted so far
+    /// is on disk.
     pub fn pending(&self) -> u64 {
-        self.counters.iter().map(|c| c.value().load(Ordering::Relaxed)).sum()
+        self.counters.iter().map(|c| c.value().load(Ordering::Acquire)).sum()
     }
 
-    /// Writes all deltas in one transaction. On failure the deltas are put back.
+    /// Writes all deltas in one transaction. The in-memory counters are decreased only after
+    /// the commit, so a crash or a failed write loses nothing that was counted before the
+    /// flush began, and failures leave the counts for the next try.
     pub fn flush(&self) -> Result<u64, StoreError> {
+        let _guard = self.flush_lock.write().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
-        let mut deltas: Vec<(CounterKey, u64)> = Vec::new();
-        for c in self.counters.iter() {
-            let n = c.value().swap(0, Ordering::Relaxed);
-            if n > 0 {
-                deltas.push((c.key().clone(), n));
-            }
-        }
+        let deltas: Vec<(CounterKey, u64)> = self
+            .counters
+            .iter()
+            .filter_map(|c| {
+                let n = c.value().load(Ordering::Acquire);
+                (n > 0).then(|| (c.key().clone(), n))
+            })
+            .collect();
         let mut lasts: Vec<(Arc<str>, StoredLastUse)> = Vec::new();
         for mut l in self.last.iter_mut() {
             if l.dirty {
@@ -192,20 +203,27 @@ impl Usage {
             return Ok(0);
         }
         let result = self.write(&deltas, &lasts);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "usage flush failed; keeping the counts for the next try");
-            for (k, n) in &deltas {
-                self.counters.entry(k.clone()).or_insert_with(|| AtomicU64::new(0)).fetch_add(*n, Ordering::Relaxed);
+        match &result {
+            Ok(()) => {
+                // Only what was written leaves the counters; requests counted meanwhile stay.
+                for (k, n) in &deltas {
+                    if let Some(c) = self.counters.get(k) {
+                        c.fetch_sub(*n, Ordering::AcqRel);
+                    }
+                }
             }
-            for (k, _) in &lasts {
-                if let Some(mut l) = self.last.get_mut(k) {
-                    l.dirty = true;
+            Err(e) => {
+                tracing::error!(error = %e, "usage flush failed; keeping the counts for the next try");
+                for (k, _) in &lasts {
+                    if let Some(mut l) = self.last.get_mut(k) {
+                        l.dirty = true;
+                    }
                 }
             }
         }
         // Counters of past days that stayed at zero are done with.
         let today = day_number(Utc::now().timestamp());
-        self.counters.retain(|k, v| k.day >= today || v.load(Ordering::Relaxed) > 0);
+        self.counters.retain(|k, v| k.day >= today || v.load(Ordering::Acquire) > 0);
         self.last_flush_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         result.map(|()| deltas.iter().map(|(_, n)| n).sum())
     }
@@ -250,6 +268,7 @@ impl Usage {
 
     /// Removes a key's usage from disk and memory.
     pub fn delete_key(&self, id: &str) -> Result<(), StoreError> {
+        let _guard = self.flush_lock.write().unwrap_or_else(PoisonError::into_inner);
         self.counters.retain(|k, _| &*k.key != id);
         self.last.remove(id);
         let txn = self.store.database().begin_write()?;
@@ -266,6 +285,7 @@ impl Usage {
     /// stored plus pending.
     fn rows(&self, id: &str, from: u32) -> Result<Vec<UsageRow>, StoreError> {
         let mut merged: BTreeMap<(u32, String, String, u8), u64> = BTreeMap::new();
+        let _guard = self.flush_lock.read().unwrap_or_else(PoisonError::into_inner);
         let txn = self.store.database().begin_read()?;
         let usage = txn.open_table(USAGE)?;
         for row in usage.range((id, from, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))? {
@@ -275,7 +295,7 @@ impl Usage {
         }
         for c in self.counters.iter() {
             let k = c.key();
-            let n = c.value().load(Ordering::Relaxed);
+            let n = c.value().load(Ordering::Acquire);
             if &*k.key == id && k.day >= from && n > 0 {
                 *merged.entry((k.day, k.deployment.to_string(), k.operation.as_str().to_string(), k.class)).or_default() += n;
             }
