@@ -22,7 +22,9 @@ use keygate::config::{Config, ConfigError};
 use keygate::error::GatewayError;
 use keygate::keys::{Role, SecretHasher};
 use keygate::manage::{KeyManager, KeySpec, ListFilter, ManageError, VerifyRequest};
+use keygate::admin_client::AdminClient;
 use keygate::store::{Store, StoreError};
+use http::Method;
 use keygate::units::parse_duration;
 use keygate::usage::{Usage, UsageReader};
 
@@ -352,29 +354,168 @@ pub fn plural(n: u64, noun: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // Commands on the store
 
-/// What the store-backed commands need.
+/// Where key commands are carried out: the store itself, or — while a gateway holds the
+/// store — that gateway's admin API. Both answer with the same JSON.
+enum Backend {
+    /// Direct access to the store.
+    Local {
+        /// Key management without a live index.
+        manager: KeyManager,
+        /// Usage reports.
+        usage: Arc<Usage>,
+    },
+    /// Through the running gateway.
+    Remote(AdminClient),
+}
+
+/// Query-string encoding of a value (RFC 3986 unreserved characters kept).
+fn encode_query(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Backend {
+    /// Calls the admin API and turns an error answer into a [`Failure`].
+    fn remote(client: &AdminClient, method: Method, path: &str, body: Option<&Value>, id: Option<&str>) -> Result<Value, Failure> {
+        let (status, answer) = client.call(method, path, body).map_err(Failure::error)?;
+        if status.is_success() {
+            return Ok(answer);
+        }
+        let code = answer["error"]["code"].as_str().unwrap_or_default();
+        let message = answer["error"]["message"].as_str().map_or_else(|| format!("the admin API answered {status}"), str::to_string);
+        Err(match (code, id) {
+            ("key_not_found", Some(id)) => Failure::error(format!("no key with id {id}")),
+            ("missing_key" | "invalid_key" | "key_expired", _) => Failure::error(format!("the admin API refused the admin key: {message}")),
+            _ => Failure::error(message),
+        })
+    }
+
+    fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, Failure> {
+        serde_json::to_value(v).map_err(Failure::error)
+    }
+
+    fn create(&self, config: &Config, spec: &KeySpec, actor: &Actor) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.create(config, spec, actor).map_err(|e| manage_failure(e, None)),
+            Backend::Remote(c) => Self::remote(c, Method::POST, "/v1/keys", Some(&Self::to_json(spec)?), None),
+        }
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.list(filter).map_err(|e| manage_failure(e, None)),
+            Backend::Remote(c) => {
+                let mut path = format!("/v1/keys?status={}", encode_query(filter.status.as_deref().unwrap_or("active")));
+                if let Some(o) = &filter.owner {
+                    path.push_str(&format!("&owner={}", encode_query(o)));
+                }
+                if let Some(q) = &filter.q {
+                    path.push_str(&format!("&q={}", encode_query(q)));
+                }
+                Self::remote(c, Method::GET, &path, None, None)
+            }
+        }
+    }
+
+    /// `{"key": …, "usage": …}` like `GET /v1/keys/{id}`.
+    fn show(&self, id: &str) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, usage } => {
+                let mut answer = manager.show(id).map_err(|e| manage_failure(e, Some(id)))?;
+                answer["usage"] = usage.summary(id).map_err(Failure::error)?;
+                Ok(answer)
+            }
+            Backend::Remote(c) => Self::remote(c, Method::GET, &format!("/v1/keys/{}", encode_query(id)), None, Some(id)),
+        }
+    }
+
+    fn update(&self, config: &Config, id: &str, spec: &KeySpec, actor: &Actor) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.update(config, id, spec, actor).map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(c, Method::PATCH, &format!("/v1/keys/{}", encode_query(id)), Some(&Self::to_json(spec)?), Some(id)),
+        }
+    }
+
+    fn rotate(&self, config: &Config, id: &str, grace: Option<&str>, actor: &Actor) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.rotate(config, id, grace, actor).map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => {
+                let body = json!({ "grace": grace });
+                Self::remote(c, Method::POST, &format!("/v1/keys/{}/rotate", encode_query(id)), Some(&body), Some(id))
+            }
+        }
+    }
+
+    fn revoke(&self, id: &str, actor: &Actor) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.revoke(id, actor).map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(c, Method::POST, &format!("/v1/keys/{}/revoke", encode_query(id)), None, Some(id)),
+        }
+    }
+
+    /// Deletes the key and its usage (the manager drops usage with the key).
+    fn delete(&self, id: &str, actor: &Actor) -> Result<(), Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.delete(id, actor).map(|_| ()).map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(c, Method::DELETE, &format!("/v1/keys/{}", encode_query(id)), None, Some(id)).map(|_| ()),
+        }
+    }
+
+    fn verify(&self, config: &Config, req: &VerifyRequest) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.verify(config, req).map_err(|e| manage_failure(e, None)),
+            Backend::Remote(c) => Self::remote(c, Method::POST, "/v1/verify", Some(&Self::to_json(req)?), None),
+        }
+    }
+
+    fn usage(&self, id: &str, days: u32) -> Result<Value, Failure> {
+        match self {
+            Backend::Local { usage, .. } => usage.report(id, days).map_err(Failure::error),
+            Backend::Remote(c) => Self::remote(c, Method::GET, &format!("/v1/keys/{}/usage?days={days}", encode_query(id)), None, Some(id)),
+        }
+    }
+
+    fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, Failure> {
+        match self {
+            Backend::Local { manager, .. } => manager.store.list_audit(limit).map_err(Failure::error),
+            Backend::Remote(c) => {
+                let answer = Self::remote(c, Method::GET, &format!("/v1/audit?limit={}", limit.clamp(1, 10_000)), None, None)?;
+                serde_json::from_value(answer["events"].clone()).map_err(|e| Failure::error(format!("unexpected audit answer: {e}")))
+            }
+        }
+    }
+}
+
+/// What the key commands need.
 struct Ctx {
     config: Config,
-    manager: KeyManager,
-    usage: Arc<Usage>,
+    backend: Backend,
     actor: Actor,
 }
 
 impl Ctx {
+    /// Opens the store, or — when a running gateway holds it — its admin API.
     fn open(config_path: &Path, admin_key_file: Option<&Path>) -> Result<Ctx, Failure> {
         let config = load_config(config_path)?;
-        let store =
-            Store::open(&config.store.path).map_err(|e| store_failure(&e, admin_key_file))?;
-        let store = Arc::new(store);
-        let usage = Arc::new(Usage::new(store.clone()).map_err(Failure::error)?);
-        let mut manager = KeyManager::new(store, None, SecretHasher::from_env());
-        manager.usage = usage.clone();
-        Ok(Ctx {
-            config,
-            manager,
-            usage,
-            actor: Actor::local(),
-        })
+        let backend = match Store::open(&config.store.path) {
+            Ok(store) => {
+                let store = Arc::new(store);
+                let usage = Arc::new(Usage::new(store.clone()).map_err(Failure::error)?);
+                let mut manager = KeyManager::new(store, None, SecretHasher::from_env());
+                manager.usage = usage.clone();
+                Backend::Local { manager, usage }
+            }
+            Err(StoreError::InUse(_)) => Backend::Remote(AdminClient::new(&config, admin_key_file).map_err(Failure::error)?),
+            Err(e) => return Err(Failure::error(e)),
+        };
+        Ok(Ctx { config, backend, actor: Actor::local() })
     }
 
     fn keys(&self, cmd: KeysCommand) -> Outcome {
@@ -395,10 +536,7 @@ impl Ctx {
         if opts.name.is_none() {
             ask_create_fields(&mut opts, &self.config)?;
         }
-        let answer = self
-            .manager
-            .create(&self.config, &key_spec(&opts), &self.actor)
-            .map_err(|e| manage_failure(e, None))?;
+        let answer = self.backend.create(&self.config, &key_spec(&opts), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -411,10 +549,7 @@ impl Ctx {
             owner: args.owner.clone(),
             q: None,
         };
-        let answer = self
-            .manager
-            .list(&filter)
-            .map_err(|e| manage_failure(e, None))?;
+        let answer = self.backend.list(&filter)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -434,8 +569,7 @@ impl Ctx {
 
     /// Like `GET /v1/keys/{id}`: `{"key": …, "usage": <7-day report>}`.
     fn show(&self, args: &ShowArgs) -> Outcome {
-        let mut answer = self.load(&args.id)?;
-        answer["usage"] = self.usage.summary(&args.id).map_err(Failure::error)?;
+        let answer = self.load(&args.id)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -451,10 +585,7 @@ impl Ctx {
                  --deployments, --expires, --rate-limit",
             ));
         }
-        let answer = self
-            .manager
-            .update(&self.config, &args.id, &key_spec(&args.opts), &self.actor)
-            .map_err(|e| manage_failure(e, Some(&args.id)))?;
+        let answer = self.backend.update(&self.config, &args.id, &key_spec(&args.opts), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -484,10 +615,7 @@ impl Ctx {
             );
             confirm(&question, args.force, "rotate", &args.id)?;
         }
-        let answer = self
-            .manager
-            .rotate(&self.config, &args.id, args.grace.as_deref(), &self.actor)
-            .map_err(|e| manage_failure(e, Some(&args.id)))?;
+        let answer = self.backend.rotate(&self.config, &args.id, args.grace.as_deref(), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -509,10 +637,7 @@ impl Ctx {
             );
             confirm(&question, args.force, "revoke", &args.id)?;
         }
-        let answer = self
-            .manager
-            .revoke(&args.id, &self.actor)
-            .map_err(|e| manage_failure(e, Some(&args.id)))?;
+        let answer = self.backend.revoke(&args.id, &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -533,18 +658,8 @@ impl Ctx {
         if !args.force {
             confirm_by_name(&args.id, &name)?;
         }
-        let record = self
-            .manager
-            .delete(&args.id, &self.actor)
-            .map_err(|e| manage_failure(e, Some(&args.id)))?;
-        // SPEC §1: delete removes the key and its usage history (its audit entries stay).
-        self.usage.delete_key(&record.id).map_err(|e| {
-            Failure::error(format!(
-                "deleted {} but not its usage history: {e}",
-                record.id
-            ))
-        })?;
-        emit(&format!("deleted {} ({})\n", record.id, record.name))
+        self.backend.delete(&args.id, &self.actor)?;
+        emit(&format!("deleted {} ({name})\n", args.id))
     }
 
     fn verify(&self, args: &VerifyArgs) -> Outcome {
@@ -555,10 +670,7 @@ impl Ctx {
             path: args.path.clone(),
             scope: args.scope.clone(),
         };
-        let answer = self
-            .manager
-            .verify(&self.config, &req)
-            .map_err(|e| manage_failure(e, None))?;
+        let answer = self.backend.verify(&self.config, &req)?;
         if args.json {
             emit_json(&answer)?;
         } else {
@@ -574,10 +686,7 @@ impl Ctx {
     fn usage(&self, args: &UsageArgs) -> Outcome {
         let current = self.load(&args.id)?;
         let key = &current["key"];
-        let usage = self
-            .usage
-            .report(&args.id, args.days)
-            .map_err(Failure::error)?;
+        let usage = self.backend.usage(&args.id, args.days)?;
         if args.json {
             return emit_json(&usage);
         }
@@ -586,11 +695,7 @@ impl Ctx {
 
     fn audit(&self, args: &AuditArgs) -> Outcome {
         let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
-        let events = self
-            .manager
-            .store
-            .list_audit(limit)
-            .map_err(Failure::error)?;
+        let events = self.backend.audit(limit)?;
         if args.json {
             return emit_json(&json!({ "events": events }));
         }
@@ -602,20 +707,7 @@ impl Ctx {
 
     /// `{"key": …}` for `id`, or "no key with id …".
     fn load(&self, id: &str) -> Result<Value, Failure> {
-        self.manager
-            .show(id)
-            .map_err(|e| manage_failure(e, Some(id)))
-    }
-}
-
-fn store_failure(e: &StoreError, admin_key_file: Option<&Path>) -> Failure {
-    let wants_admin_api =
-        admin_key_file.is_some() || std::env::var_os("KEYGATE_ADMIN_KEY").is_some();
-    match e {
-        StoreError::InUse(_) if wants_admin_api => Failure::error(format!(
-            "{e}\n(this version of the CLI cannot use the admin API yet: stop the gateway, or call the admin API directly)"
-        )),
-        _ => Failure::error(e),
+        self.backend.show(id)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
 use crate::audit::Actor;
@@ -20,7 +20,7 @@ use crate::store::{Store, StoreError};
 use crate::units::{parse_duration, Limit};
 
 /// Fields accepted by create and update (admin API body, CLI options).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySpec {
     /// Name (required on create).
@@ -40,7 +40,7 @@ pub struct KeySpec {
     /// Expiry: duration, RFC 3339 or `never`.
     pub expires: Option<String>,
     /// `N/DURATION`, `none`; `null` (or `default`) clears it so the role/default applies.
-    #[serde(default, deserialize_with = "double_option")]
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<Option<String>>,
 }
 
@@ -494,7 +494,7 @@ impl KeyManager {
 }
 
 /// Body of `POST /v1/verify` and options of `keygate keys verify`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// The secret to check.
