@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long in-flight requests may finish after a stop signal.
     pub shutdown_grace: Duration,
+    /// How long to keep accepting after a stop signal while readiness reports 503.
+    pub drain_delay: Duration,
     /// Expect a PROXY protocol header on each connection.
     pub proxy_protocol: bool,
     /// The optional TLS listener.
@@ -226,6 +228,7 @@ struct RawServer {
     header_read_timeout: S<String>,
     idle_timeout: S<String>,
     shutdown_grace: S<String>,
+    drain_delay: S<String>,
     proxy_protocol: S<bool>,
     tls: Option<RawTls>,
 }
@@ -435,6 +438,7 @@ impl Config {
             header_read_timeout: duration_or(loc, &s.header_read_timeout, Duration::from_secs(10))?,
             idle_timeout: duration_or(loc, &s.idle_timeout, Duration::from_secs(60))?,
             shutdown_grace: duration_or(loc, &s.shutdown_grace, Duration::from_secs(30))?,
+            drain_delay: duration_or(loc, &s.drain_delay, Duration::ZERO)?,
             proxy_protocol: s.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
             tls: match &s.tls {
                 None => None,

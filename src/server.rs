@@ -293,23 +293,22 @@ pub struct Running {
     pub manager: Arc<KeyManager>,
     /// The admin key minted on first start of an empty store (shown once).
     pub bootstrap_secret: Option<String>,
-    shutdown: watch::Sender<bool>,
-    listeners: Vec<JoinHandle<()>>,
+    begin_shutdown: watch::Sender<bool>,
+    supervisor: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Begins graceful shutdown: readiness turns 503, listeners stop accepting and drain.
+    /// Begins graceful shutdown: readiness turns 503 at once; after `drain_delay` the data
+    /// plane stops accepting and drains; the admin API stays up until it has.
     pub fn shutdown(&self) {
         self.gateway.draining.store(true, Ordering::Relaxed);
-        let _ = self.shutdown.send(true);
+        let _ = self.begin_shutdown.send(true);
     }
 
     /// Waits until every listener has drained (or its grace ran out), then flushes usage.
     pub async fn wait(self) {
-        for t in self.listeners {
-            let _ = t.await;
-        }
+        let _ = self.supervisor.await;
         for t in self.background {
             t.abort();
         }
@@ -382,7 +381,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let gateway = Arc::new(Gateway::new(config, keys, hasher, usage.clone()));
     let admin = Arc::new(AdminApi { gateway: gateway.clone(), manager: manager.clone(), usage: usage.clone() });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (begin_shutdown, begin_rx) = watch::channel(false);
+    let (data_stop, shutdown_rx) = watch::channel(false);
+    let (admin_stop, admin_rx) = watch::channel(false);
     let grace_of = |gw: Arc<Gateway>| move || gw.runtime.load().config.server.shutdown_grace;
     let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), None));
     let mut listeners = vec![data];
@@ -394,7 +395,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listeners.push(tokio::spawn(serve_listener(l, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), Some(acceptor))));
         tracing::info!(listen = ?tls_addr, "TLS data plane listening");
     }
-    listeners.push(tokio::spawn(serve_listener(admin_listener, admin, shutdown_rx, grace_of(gateway.clone()), None)));
+    let admin_task = tokio::spawn(serve_listener(admin_listener, admin, admin_rx, grace_of(gateway.clone()), None));
+    let supervisor = tokio::spawn(supervise_shutdown(gateway.clone(), begin_rx, data_stop, listeners, admin_stop, admin_task));
     let reloader = Arc::new(Reloader::new(gateway.clone(), config_path, resolver));
     let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
@@ -408,10 +410,38 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         store,
         manager,
         bootstrap_secret,
-        shutdown,
-        listeners,
+        begin_shutdown,
+        supervisor,
         background: vec![flusher],
     })
+}
+
+/// Orders shutdown: readiness is already 503; wait `drain_delay` so load balancers notice,
+/// stop and drain the data plane, then the admin API.
+async fn supervise_shutdown(
+    gateway: Arc<Gateway>,
+    mut begin: watch::Receiver<bool>,
+    data_stop: watch::Sender<bool>,
+    data: Vec<JoinHandle<()>>,
+    admin_stop: watch::Sender<bool>,
+    admin: JoinHandle<()>,
+) {
+    while !*begin.borrow_and_update() {
+        if begin.changed().await.is_err() {
+            break;
+        }
+    }
+    let delay = gateway.runtime.load().config.server.drain_delay;
+    if !delay.is_zero() {
+        tracing::info!(delay = ?delay, "readiness is 503; waiting drain_delay before closing the listeners");
+        tokio::time::sleep(delay).await;
+    }
+    let _ = data_stop.send(true);
+    for t in data {
+        let _ = t.await;
+    }
+    let _ = admin_stop.send(true);
+    let _ = admin.await;
 }
 
 /// Flushes usage every `usage_flush_interval`, prunes old days hourly, and keeps the
