@@ -27,4 +27,5 @@ pub mod ratelimit;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 pub mod usage;

@@ -311,6 +311,8 @@ impl Running {
         let _ = self.supervisor.await;
         for t in self.background {
             t.abort();
+            // Wait for it to stop so the store is not in use once `wait` returns.
+            let _ = t.await;
         }
         let usage = self.gateway.usage.clone();
         match tokio::task::spawn_blocking(move || usage.flush()).await {

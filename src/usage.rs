@@ -46,7 +46,9 @@ pub fn day_number(unix_secs: i64) -> u32 {
 }
 
 fn day_date(day: u32) -> NaiveDate {
-    DateTime::<Utc>::from_timestamp(i64::from(day) * 86_400, 0).unwrap_or_default().date_naive()
+    DateTime::<Utc>::from_timestamp(i64::from(day) * 86_400, 0)
+        .unwrap_or_default()
+        .date_naive()
 }
 
 /// The operation a request counts under: a route's name, or the method when no rule matched.
@@ -141,7 +143,13 @@ impl Usage {
         txn.open_table(USAGE)?;
         txn.open_table(LAST_USED)?;
         txn.commit()?;
-        Ok(Usage { store, counters: DashMap::new(), last: DashMap::new(), flush_lock: RwLock::new(()), last_flush_micros: AtomicU64::new(0) })
+        Ok(Usage {
+            store,
+            counters: DashMap::new(),
+            last: DashMap::new(),
+            flush_lock: RwLock::new(()),
+            last_flush_micros: AtomicU64::new(0),
+        })
     }
 
     /// Counts one request. No disk, no await, no allocation once the counter exists.
@@ -158,10 +166,18 @@ impl Usage {
                 c.fetch_add(1, Ordering::Relaxed);
             }
             None => {
-                self.counters.entry(key).or_insert_with(|| AtomicU64::new(0)).fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .entry(key)
+                    .or_insert_with(|| AtomicU64::new(0))
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let entry = LastUse { at: hit.now, ip: hit.ip, user_agent: hit.user_agent.cloned(), dirty: true };
+        let entry = LastUse {
+            at: hit.now,
+            ip: hit.ip,
+            user_agent: hit.user_agent.cloned(),
+            dirty: true,
+        };
         match self.last.get_mut(hit.key) {
             Some(mut l) => *l = entry,
             None => {
@@ -174,14 +190,20 @@ impl Usage {
     /// once the transaction holding it has committed, so `0` means everything counted so far
     /// is on disk.
     pub fn pending(&self) -> u64 {
-        self.counters.iter().map(|c| c.value().load(Ordering::Acquire)).sum()
+        self.counters
+            .iter()
+            .map(|c| c.value().load(Ordering::Acquire))
+            .sum()
     }
 
     /// Writes all deltas in one transaction. The in-memory counters are decreased only after
     /// the commit, so a crash or a failed write loses nothing that was counted before the
     /// flush began, and failures leave the counts for the next try.
     pub fn flush(&self) -> Result<u64, StoreError> {
-        let _guard = self.flush_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .flush_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
         let deltas: Vec<(CounterKey, u64)> = self
             .counters
@@ -195,8 +217,18 @@ impl Usage {
         for mut l in self.last.iter_mut() {
             if l.dirty {
                 l.dirty = false;
-                let ua = l.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-                lasts.push((l.key().clone(), StoredLastUse { at: l.at, ip: l.ip.to_string(), user_agent: ua }));
+                let ua = l
+                    .user_agent
+                    .as_ref()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                lasts.push((
+                    l.key().clone(),
+                    StoredLastUse {
+                        at: l.at,
+                        ip: l.ip.to_string(),
+                        user_agent: ua,
+                    },
+                ));
             }
         }
         if deltas.is_empty() && lasts.is_empty() {
@@ -223,23 +255,36 @@ impl Usage {
         }
         // Counters of past days that stayed at zero are done with.
         let today = day_number(Utc::now().timestamp());
-        self.counters.retain(|k, v| k.day >= today || v.load(Ordering::Acquire) > 0);
-        self.last_flush_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.counters
+            .retain(|k, v| k.day >= today || v.load(Ordering::Acquire) > 0);
+        self.last_flush_micros
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         result.map(|()| deltas.iter().map(|(_, n)| n).sum())
     }
 
-    fn write(&self, deltas: &[(CounterKey, u64)], lasts: &[(Arc<str>, StoredLastUse)]) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        deltas: &[(CounterKey, u64)],
+        lasts: &[(Arc<str>, StoredLastUse)],
+    ) -> Result<(), StoreError> {
         let txn = self.store.database().begin_write()?;
         {
             let mut usage = txn.open_table(USAGE)?;
             for (k, n) in deltas {
-                let key = (&*k.key, k.day, &*k.deployment, k.operation.as_str(), k.class);
+                let key = (
+                    &*k.key,
+                    k.day,
+                    &*k.deployment,
+                    k.operation.as_str(),
+                    k.class,
+                );
                 let old = usage.get(key)?.map(|v| v.value()).unwrap_or(0);
                 usage.insert(key, old + n)?;
             }
             let mut last = txn.open_table(LAST_USED)?;
             for (k, l) in lasts {
-                let bytes = serde_json::to_vec(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let bytes =
+                    serde_json::to_vec(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 last.insert(&**k, bytes.as_slice())?;
             }
         }
@@ -249,7 +294,8 @@ impl Usage {
 
     /// Deletes rows older than `retention_days`. Returns how many went.
     pub fn prune(&self, retention_days: u32) -> Result<u64, StoreError> {
-        let cutoff = day_number(Utc::now().timestamp()).saturating_sub(retention_days.saturating_sub(1));
+        let cutoff =
+            day_number(Utc::now().timestamp()).saturating_sub(retention_days.saturating_sub(1));
         let txn = self.store.database().begin_write()?;
         let mut removed = 0;
         {
@@ -268,13 +314,19 @@ impl Usage {
 
     /// Removes a key's usage from disk and memory.
     pub fn delete_key(&self, id: &str) -> Result<(), StoreError> {
-        let _guard = self.flush_lock.write().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .flush_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         self.counters.retain(|k, _| &*k.key != id);
         self.last.remove(id);
         let txn = self.store.database().begin_write()?;
         {
             let mut usage = txn.open_table(USAGE)?;
-            usage.retain_in((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX), |_, _| false)?;
+            usage.retain_in(
+                (id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX),
+                |_, _| false,
+            )?;
             txn.open_table(LAST_USED)?.remove(id)?;
         }
         txn.commit()?;
@@ -285,22 +337,39 @@ impl Usage {
     /// stored plus pending.
     fn rows(&self, id: &str, from: u32) -> Result<Vec<UsageRow>, StoreError> {
         let mut merged: BTreeMap<(u32, String, String, u8), u64> = BTreeMap::new();
-        let _guard = self.flush_lock.read().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .flush_lock
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let txn = self.store.database().begin_read()?;
         let usage = txn.open_table(USAGE)?;
-        for row in usage.range((id, from, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))? {
+        for row in usage
+            .range((id, from, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))?
+        {
             let (k, v) = row?;
             let (_, day, dep, op, class) = k.value();
-            *merged.entry((day, dep.to_string(), op.to_string(), class)).or_default() += v.value();
+            *merged
+                .entry((day, dep.to_string(), op.to_string(), class))
+                .or_default() += v.value();
         }
         for c in self.counters.iter() {
             let k = c.key();
             let n = c.value().load(Ordering::Acquire);
             if &*k.key == id && k.day >= from && n > 0 {
-                *merged.entry((k.day, k.deployment.to_string(), k.operation.as_str().to_string(), k.class)).or_default() += n;
+                *merged
+                    .entry((
+                        k.day,
+                        k.deployment.to_string(),
+                        k.operation.as_str().to_string(),
+                        k.class,
+                    ))
+                    .or_default() += n;
             }
         }
-        Ok(merged.into_iter().map(|((d, dep, op, c), n)| (d, dep, op, c, n)).collect())
+        Ok(merged
+            .into_iter()
+            .map(|((d, dep, op, c), n)| (d, dep, op, c, n))
+            .collect())
     }
 
     fn stored_last(&self, id: &str) -> Option<StoredLastUse> {
@@ -308,7 +377,10 @@ impl Usage {
             return Some(StoredLastUse {
                 at: l.at,
                 ip: l.ip.to_string(),
-                user_agent: l.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                user_agent: l
+                    .user_agent
+                    .as_ref()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             });
         }
         let txn = self.store.database().begin_read().ok()?;
@@ -329,7 +401,10 @@ fn share(part: u64, total: u64) -> f64 {
 fn ranked(map: BTreeMap<String, u64>, total: u64) -> Vec<Value> {
     let mut items: Vec<(String, u64)> = map.into_iter().collect();
     items.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    items.into_iter().map(|(name, n)| json!({"name": name, "requests": n, "share": share(n, total)})).collect()
+    items
+        .into_iter()
+        .map(|(name, n)| json!({"name": name, "requests": n, "share": share(n, total)}))
+        .collect()
 }
 
 impl UsageReader for Usage {
@@ -373,13 +448,140 @@ impl LastUsedSource for Usage {
     fn last_used(&self, id: &str) -> LastUsed {
         match self.stored_last(id) {
             None => LastUsed::default(),
-            Some(l) => LastUsed { at: DateTime::<Utc>::from_timestamp(l.at, 0), ip: Some(l.ip), user_agent: l.user_agent },
+            Some(l) => LastUsed {
+                at: DateTime::<Utc>::from_timestamp(l.at, 0),
+                ip: Some(l.ip),
+                user_agent: l.user_agent,
+            },
         }
     }
 
     fn forget(&self, id: &str) {
         if let Err(e) = self.delete_key(id) {
             tracing::error!(error = %e, key_id = id, "could not delete the key's usage");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn stored_total(store: &Store, id: &str) -> u64 {
+        let txn = store.database().begin_read().unwrap();
+        let table = txn.open_table(USAGE).unwrap();
+        let rows = table
+            .range((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))
+            .unwrap();
+        rows.map(|r| r.unwrap().1.value()).sum()
+    }
+
+    /// Flushes running concurrently with requests and readers: a report never misses a count
+    /// recorded before it started, and `pending() == 0` means everything counted is on disk.
+    #[test]
+    fn counts_are_never_invisible_while_a_flush_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
+        let usage = Arc::new(Usage::new(store.clone()).unwrap());
+        let recorded = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        const N: u64 = 3000;
+        let writer = {
+            let (usage, recorded) = (usage.clone(), recorded.clone());
+            std::thread::spawn(move || {
+                let id: Arc<str> = Arc::from("key_a");
+                let dep: Arc<str> = Arc::from("app");
+                for _ in 0..N {
+                    let now = Utc::now().timestamp();
+                    usage.record(Hit {
+                        key: &id,
+                        deployment: &dep,
+                        operation: Operation::Method(Method::GET),
+                        status: 200,
+                        now,
+                        ip: IpAddr::from([127, 0, 0, 1]),
+                        user_agent: None,
+                    });
+                    recorded.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let flusher = {
+            let (usage, done) = (usage.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    usage.flush().unwrap();
+                }
+            })
+        };
+        let mut checks = 0;
+        while !writer.is_finished() || checks < 200 {
+            let before = recorded.load(Ordering::SeqCst);
+            let reported = usage.report("key_a", 1).unwrap()["total"].as_u64().unwrap();
+            assert!(
+                reported >= before,
+                "the report shows {reported} of at least {before} counted requests"
+            );
+            let before = recorded.load(Ordering::SeqCst);
+            if usage.pending() == 0 {
+                let on_disk = stored_total(&store, "key_a");
+                assert!(
+                    on_disk >= before,
+                    "pending 0 but only {on_disk} of at least {before} on disk"
+                );
+            }
+            checks += 1;
+        }
+        writer.join().unwrap();
+        done.store(true, Ordering::SeqCst);
+        flusher.join().unwrap();
+        usage.flush().unwrap();
+        assert_eq!(usage.pending(), 0);
+        assert_eq!(stored_total(&store, "key_a"), N);
+        assert_eq!(usage.report("key_a", 1).unwrap()["total"], N);
+    }
+
+    /// A flush racing a delete cannot write the deleted key's rows back.
+    #[test]
+    fn a_deleted_key_stays_deleted_under_concurrent_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
+        let usage = Arc::new(Usage::new(store.clone()).unwrap());
+        let id: Arc<str> = Arc::from("key_d");
+        let dep: Arc<str> = Arc::from("app");
+        for round in 0..300u32 {
+            for i in 0..200u32 {
+                let op = Operation::Route(Arc::from(format!("op{}", i % 50)));
+                usage.record(Hit {
+                    key: &id,
+                    deployment: &dep,
+                    operation: op,
+                    status: 200,
+                    now: Utc::now().timestamp(),
+                    ip: IpAddr::from([127, 0, 0, 1]),
+                    user_agent: None,
+                });
+            }
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (u, b) = (usage.clone(), barrier.clone());
+            let flusher = std::thread::spawn(move || {
+                b.wait();
+                u.flush().unwrap();
+            });
+            barrier.wait();
+            // Land the delete at varying points of the flush.
+            let spin = Instant::now();
+            while spin.elapsed() < std::time::Duration::from_micros(u64::from(round % 60) * 5) {
+                std::hint::spin_loop();
+            }
+            usage.delete_key(&id).unwrap();
+            flusher.join().unwrap();
+            assert_eq!(
+                stored_total(&store, &id),
+                0,
+                "round {round}: rows of a deleted key came back"
+            );
         }
     }
 }
