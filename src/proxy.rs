@@ -2,7 +2,13 @@
 //! headers), the pooled upstream client, streaming bodies and HTTP upgrades.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
@@ -18,7 +24,57 @@ use crate::error::GatewayError;
 use crate::keyindex::LiveKey;
 
 /// The pooled client used for one deployment.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// When a request body last moved on its way upstream.
+struct Progress {
+    epoch: Instant,
+    last_us: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress { epoch: Instant::now(), last_us: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// `timeout` after the body last moved (or after the start, for a body never polled).
+    fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        let last = self.epoch + Duration::from_micros(self.last_us.load(Ordering::Relaxed));
+        tokio::time::Instant::from_std(last + timeout)
+    }
+}
+
+/// A client's request body streamed to the upstream, noting each frame, so the deployment
+/// timeout measures the upstream's silence rather than how long the upload takes.
+pub struct UpstreamBody {
+    inner: Incoming,
+    progress: Arc<Progress>,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if res.is_ready() {
+            self.progress.touch();
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Builds a keep-alive pooled client with the deployment's connect timeout.
 pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
@@ -286,19 +342,35 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Sends `req` upstream with `timeout` for the response headers; streams the answer back.
-/// Upgrade requests are spliced to the upstream's upgraded connection.
+/// Sends `req` upstream and streams the answer back. `timeout` bounds the wait for the
+/// response headers, counted from when the request body last moved (so a long upload that
+/// keeps moving is not cut, and a stalled one is). Upgrade requests are spliced to the
+/// upstream's upgraded connection.
 pub async fn forward(client: &UpstreamClient, mut req: Request<Incoming>, timeout: Duration) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
-    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(e)) => {
+    let progress = Arc::new(Progress::new());
+    let req = req.map(|inner| UpstreamBody { inner, progress: progress.clone() });
+    let answer = client.request(req);
+    tokio::pin!(answer);
+    let answer = loop {
+        tokio::select! {
+            biased;
+            res = answer.as_mut() => break res,
+            _ = tokio::time::sleep_until(progress.deadline(timeout)) => {
+                if tokio::time::Instant::now() >= progress.deadline(timeout) {
+                    return Err(GatewayError::UpstreamTimeout);
+                }
+            }
+        }
+    };
+    let resp = match answer {
+        Err(e) => {
             tracing::debug!(error = %e, "upstream request failed");
             return Err(if is_timeout(&e) { GatewayError::UpstreamTimeout } else { GatewayError::UpstreamUnavailable });
         }
-        Ok(Ok(resp)) => resp,
+        Ok(resp) => resp,
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut resp = resp;
