@@ -43,7 +43,10 @@ fn ok(status: StatusCode, v: &Value) -> Answer {
 }
 
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.uri().query().and_then(|q| crate::auth::query_value(q, name)).map(percent_decode)
+    req.uri()
+        .query()
+        .and_then(|q| crate::auth::query_value(q, name))
+        .map(percent_decode)
 }
 
 /// Decodes `%XX` and `+` in a query value.
@@ -57,7 +60,10 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' => match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            b'%' => match (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
                 (Some(h), Some(l)) => {
                     out.push(h * 16 + l);
                     i += 2;
@@ -71,33 +77,63 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>, empty_ok: bool) -> Result<Option<T>, GatewayError> {
-    if req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > MAX_BODY as u64) {
+async fn read_json<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    empty_ok: bool,
+) -> Result<Option<T>, GatewayError> {
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64)
+    {
         return Err(GatewayError::PayloadTooLarge);
     }
     let bytes: Bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(GatewayError::PayloadTooLarge),
-        Err(_) => return Err(GatewayError::invalid("body", "could not read the request body")),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(GatewayError::PayloadTooLarge)
+        }
+        Err(_) => {
+            return Err(GatewayError::invalid(
+                "body",
+                "could not read the request body",
+            ))
+        }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return if empty_ok { Ok(None) } else { Err(GatewayError::invalid("body", "a JSON body is required")) };
+        return if empty_ok {
+            Ok(None)
+        } else {
+            Err(GatewayError::invalid("body", "a JSON body is required"))
+        };
     }
-    let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map(Some).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
-        // serde names unknown/missing fields only in the message: lift the name out.
-        let field = if path != "." && !path.is_empty() {
-            path
+        // The top-level field at fault (`scopes[1]` → `scopes`); the path is `.` at the root
+        // and `?` where the parser could not tell (truncated input).
+        let top = path.split(['.', '[']).next().unwrap_or_default();
+        let field = if !top.is_empty() && top != "?" {
+            top.to_string()
         } else if let Some(name) = msg.split('`').nth(1).filter(|_| msg.contains("field")) {
+            // serde names unknown/missing fields only in the message: lift the name out.
             name.to_string()
         } else {
             "body".to_string()
         };
         GatewayError::invalid(&field, format!("invalid request body: {msg}"))
-    })
+    })?;
+    // One JSON value and nothing after it (whitespace aside).
+    de.end()
+        .map_err(|e| GatewayError::invalid("body", format!("invalid request body: {e}")))?;
+    Ok(Some(value))
 }
 
 fn manage_err(e: ManageError) -> GatewayError {
@@ -116,14 +152,24 @@ impl AdminApi {
         let mut auth = cfg.auth.clone();
         auth.query_param = None;
         let outcome = extract_credential(req.headers(), None, &auth).and_then(|cred| {
-            let verifier = Verifier { index: &self.gateway.keys, hasher: &self.gateway.hasher, auth: &auth };
+            let verifier = Verifier {
+                index: &self.gateway.keys,
+                hasher: &self.gateway.hasher,
+                auth: &auth,
+            };
             verifier.identify(cred.secret, chrono::Utc::now().timestamp())
         });
         match outcome {
-            Ok(key) if key.role == Role::Admin => Ok(Actor { key_id: Some(key.id.to_string()), client_ip: Some(actor_ip.to_string()) }),
+            Ok(key) if key.role == Role::Admin => Ok(Actor {
+                key_id: Some(key.id.to_string()),
+                client_ip: Some(actor_ip.to_string()),
+            }),
             Ok(key) => {
                 self.audit_failure(actor_ip, Some(&key.id));
-                Err(GatewayError::InsufficientScope { required: "role:admin".into(), granted: key.scope_list() })
+                Err(GatewayError::InsufficientScope {
+                    required: "role:admin".into(),
+                    granted: key.scope_list(),
+                })
             }
             Err(e) => {
                 self.audit_failure(actor_ip, None);
@@ -133,7 +179,10 @@ impl AdminApi {
     }
 
     fn audit_failure(&self, ip: &str, key_id: Option<&str>) {
-        let actor = Actor { key_id: key_id.map(str::to_string), client_ip: Some(ip.to_string()) };
+        let actor = Actor {
+            key_id: key_id.map(str::to_string),
+            client_ip: Some(ip.to_string()),
+        };
         let ev = actor.event("admin.auth_failed", None, None, vec![]);
         if let Err(e) = self.manager.store.append_audit(&ev) {
             tracing::error!(error = %e, "could not record a failed admin authentication");
@@ -149,14 +198,20 @@ impl AdminApi {
             (_, ["healthz"]) if read => return ok(StatusCode::OK, &json!({"status": "ok"})),
             (_, ["readyz"]) if read => {
                 return if self.gateway.draining.load(Ordering::Relaxed) {
-                    ok(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}))
+                    ok(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "draining"}),
+                    )
                 } else {
                     ok(StatusCode::OK, &json!({"status": "ready"}))
                 };
             }
             (_, ["metrics"]) if read => {
                 let mut r = Response::new(body::full(self.gateway.render_metrics()));
-                r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
                 return Ok(r);
             }
             (_, ["healthz" | "readyz" | "metrics"]) => return method_not_allowed("GET, HEAD"),
@@ -165,7 +220,12 @@ impl AdminApi {
         }
         let ip = {
             let rt = self.gateway.runtime.load();
-            proxy::client_ip(conn.peer.ip(), req.headers(), &rt.config.server.trusted_proxies).to_string()
+            proxy::client_ip(
+                conn.peer.ip(),
+                req.headers(),
+                &rt.config.server.trusted_proxies,
+            )
+            .to_string()
         };
         let actor = self.authenticate(&req, &ip)?;
         let rt = self.gateway.runtime.load_full();
@@ -179,7 +239,11 @@ impl AdminApi {
                 ok(StatusCode::CREATED, &v)
             }
             (&Method::GET, ["keys"]) => {
-                let filter = ListFilter { status: query_param(&req, "status"), owner: query_param(&req, "owner"), q: query_param(&req, "q") };
+                let filter = ListFilter {
+                    status: query_param(&req, "status"),
+                    owner: query_param(&req, "owner"),
+                    q: query_param(&req, "q"),
+                };
                 let v = blocking(move || m.list(&filter)).await?;
                 ok(StatusCode::OK, &v)
             }
@@ -207,7 +271,8 @@ impl AdminApi {
                 let id = id.to_string();
                 let b: RotateBody = read_json(req, true).await?.unwrap_or_default();
                 let cfg = rt.clone();
-                let v = blocking(move || m.rotate(&cfg.config, &id, b.grace.as_deref(), &actor)).await?;
+                let v = blocking(move || m.rotate(&cfg.config, &id, b.grace.as_deref(), &actor))
+                    .await?;
                 ok(StatusCode::OK, &v)
             }
             (&Method::POST, ["keys", id, "revoke"]) => {
@@ -226,18 +291,31 @@ impl AdminApi {
             (&Method::GET, ["keys", id, "usage"]) => {
                 let days = match query_param(&req, "days") {
                     None => 7,
-                    Some(d) => d.parse::<u32>().ok().filter(|d| (1..=366).contains(d)).ok_or_else(|| GatewayError::invalid("days", "days must be a whole number from 1 to 366"))?,
+                    Some(d) => d
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|d| (1..=366).contains(d))
+                        .ok_or_else(|| {
+                            GatewayError::invalid(
+                                "days",
+                                "days must be a whole number from 1 to 366",
+                            )
+                        })?,
                 };
                 let id = id.to_string();
                 let usage = self.usage.clone();
                 // 404 for unknown ids, like every other key route.
                 let _ = blocking(move || m.show(&id).map(|v| v["key"]["id"].clone())).await?;
                 let key_id = segments[2].to_string();
-                let v = usage.report(&key_id, days).map_err(|_| GatewayError::Internal)?;
+                let v = usage
+                    .report(&key_id, days)
+                    .map_err(|_| GatewayError::Internal)?;
                 ok(StatusCode::OK, &v)
             }
             (&Method::POST, ["verify"]) => {
-                let body: VerifyRequest = read_json(req, false).await?.ok_or_else(|| GatewayError::invalid("key", "key is required"))?;
+                let body: VerifyRequest = read_json(req, false)
+                    .await?
+                    .ok_or_else(|| GatewayError::invalid("key", "key is required"))?;
                 let cfg = rt.clone();
                 let v = blocking(move || m.verify(&cfg.config, &body)).await?;
                 ok(StatusCode::OK, &v)
@@ -245,7 +323,16 @@ impl AdminApi {
             (&Method::GET, ["audit"]) => {
                 let limit = match query_param(&req, "limit") {
                     None => 100,
-                    Some(l) => l.parse::<usize>().ok().filter(|l| (1..=10_000).contains(l)).ok_or_else(|| GatewayError::invalid("limit", "limit must be a whole number from 1 to 10000"))?,
+                    Some(l) => l
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|l| (1..=10_000).contains(l))
+                        .ok_or_else(|| {
+                            GatewayError::invalid(
+                                "limit",
+                                "limit must be a whole number from 1 to 10000",
+                            )
+                        })?,
                 };
                 let store = self.manager.store.clone();
                 let events = tokio::task::spawn_blocking(move || store.list_audit(limit))
@@ -281,26 +368,38 @@ fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
 /// 405 with the `Allow` header RFC 9110 requires.
 fn method_not_allowed(allow: &'static str) -> Answer {
     let mut r = GatewayError::MethodNotAllowed.to_response();
-    r.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allow));
     Ok(r)
 }
 
 /// Runs a store-touching operation off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ManageError> + Send + 'static) -> Result<T, GatewayError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| GatewayError::Internal)?.map_err(manage_err)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ManageError> + Send + 'static,
+) -> Result<T, GatewayError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| GatewayError::Internal)?
+        .map_err(manage_err)
 }
 
 impl Handler for AdminApi {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let resp = self.route(req, conn).await.unwrap_or_else(|e| e.to_response());
+        let resp = self
+            .route(req, conn)
+            .await
+            .unwrap_or_else(|e| e.to_response());
         tracing::info!(target: "keygate::admin", client_ip = %conn.peer.ip(), method = %method, path, status = resp.status().as_u16(), "admin request");
         resp
     }
 
     fn conn_settings(&self) -> ConnSettings {
         // The admin listener is reached directly, never through a PROXY-speaking balancer.
-        ConnSettings { proxy_protocol: false, ..self.gateway.conn_settings() }
+        ConnSettings {
+            proxy_protocol: false,
+            ..self.gateway.conn_settings()
+        }
     }
 }

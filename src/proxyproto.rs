@@ -21,7 +21,10 @@ pub struct Prefixed<S> {
 impl<S> Prefixed<S> {
     /// `inner` with nothing read ahead.
     pub fn new(inner: S) -> Self {
-        Prefixed { prefix: Bytes::new(), inner }
+        Prefixed {
+            prefix: Bytes::new(),
+            inner,
+        }
     }
 
     /// The wrapped stream.
@@ -31,7 +34,11 @@ impl<S> Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
@@ -43,11 +50,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -88,8 +103,12 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
         HeaderResult::V2(Ok(h)) => {
             let addr = match (h.command, h.addresses) {
                 (v2::Command::Local, _) => None,
-                (_, v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
-                (_, v2::Addresses::IPv6(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),
+                (_, v2::Addresses::IPv4(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
+                (_, v2::Addresses::IPv6(a)) => {
+                    Some(SocketAddr::from((a.source_address, a.source_port)))
+                }
                 (_, _) => None,
             };
             Ok(Parsed::Done(h.len(), addr))
@@ -101,11 +120,16 @@ fn parse(buf: &[u8]) -> Result<Parsed, String> {
 
 /// Reads a PROXY header from `stream`. Returns the stream (with any bytes read past the
 /// header kept) and the client address (`None` means use the TCP peer).
-pub async fn accept<S: AsyncRead + Unpin>(mut stream: S) -> Result<(Prefixed<S>, Option<SocketAddr>), String> {
+pub async fn accept<S: AsyncRead + Unpin>(
+    mut stream: S,
+) -> Result<(Prefixed<S>, Option<SocketAddr>), String> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
-        let n = stream.read(&mut chunk).await.map_err(|e| format!("reading the PROXY header: {e}"))?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
         if n == 0 {
             return Err("connection closed before a PROXY header".into());
         }
@@ -115,7 +139,13 @@ pub async fn accept<S: AsyncRead + Unpin>(mut stream: S) -> Result<(Prefixed<S>,
             Parsed::Incomplete => return Err("PROXY header too long".into()),
             Parsed::Done(len, addr) => {
                 let rest = Bytes::from(buf).slice(len..);
-                return Ok((Prefixed { prefix: rest, inner: stream }, addr));
+                return Ok((
+                    Prefixed {
+                        prefix: rest,
+                        inner: stream,
+                    },
+                    addr,
+                ));
             }
         }
     }
@@ -136,7 +166,9 @@ mod tests {
             _ => panic!("v1 not parsed"),
         }
         let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-        v2.extend_from_slice(&[0x21, 0x11, 0, 12, 198, 51, 100, 7, 10, 0, 0, 1, 0x1f, 0x90, 0x01, 0xbb]);
+        v2.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 198, 51, 100, 7, 10, 0, 0, 1, 0x1f, 0x90, 0x01, 0xbb,
+        ]);
         match parse(&v2).unwrap() {
             Parsed::Done(len, Some(addr)) => {
                 assert_eq!(len, v2.len());
@@ -144,7 +176,10 @@ mod tests {
             }
             _ => panic!("v2 not parsed"),
         }
-        assert!(matches!(parse(b"PROXY TCP4 1.2.3.4"), Ok(Parsed::Incomplete)));
+        assert!(matches!(
+            parse(b"PROXY TCP4 1.2.3.4"),
+            Ok(Parsed::Incomplete)
+        ));
         assert!(parse(b"GET / HTTP/1.1\r\n\r\n").is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,25 +68,74 @@ impl Handler for Gateway {
     }
 }
 
-/// Last I/O time and requests in flight on one connection, for the idle timeout.
+/// Marks "not waiting for request headers".
+const NOT_WAITING: u64 = u64::MAX;
+
+/// Last I/O time, requests in flight, and since when request headers are awaited, for one
+/// connection's idle and header-read timeouts. (hyper's own header timer also runs between
+/// keep-alive requests, which would cut idle connections at `header_read_timeout`.)
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    headers_since_ms: AtomicU64,
+    read_any: AtomicBool,
+    http2: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
-        Activity { epoch: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) }
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            // From accept, the first request's headers are awaited.
+            headers_since_ms: AtomicU64::new(0),
+            read_any: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn touch(&self) {
-        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes arrived: on an idle HTTP/1 connection they start the next request's headers.
+    fn on_read(&self, first_bytes: &[u8]) {
+        self.touch();
+        if !self.read_any.swap(true, Ordering::Relaxed) && first_bytes.starts_with(b"PRI * HTTP/2") {
+            // HTTP/2 sends pings and settings between requests; it has no header phase to time.
+            self.http2.store(true, Ordering::Relaxed);
+            self.headers_since_ms.store(NOT_WAITING, Ordering::Relaxed);
+            return;
+        }
+        if !self.http2.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.headers_since_ms.load(Ordering::Relaxed) == NOT_WAITING
+        {
+            self.headers_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A request's headers are complete.
+    fn on_request(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.headers_since_ms.store(NOT_WAITING, Ordering::Relaxed);
     }
 
     fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
         let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         tokio::time::Instant::from_std(last + idle)
+    }
+
+    /// When the awaited request headers are overdue, if headers are awaited.
+    fn header_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+        let since = self.headers_since_ms.load(Ordering::Relaxed);
+        (since != NOT_WAITING).then(|| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(since) + timeout))
     }
 }
 
@@ -101,7 +150,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityStream<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.on_read(&buf.filled()[before..]);
         }
         res
     }
@@ -158,7 +207,7 @@ where
     let svc_activity = activity.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
-        svc_activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        svc_activity.on_request();
         let guard = InFlight(svc_activity.clone());
         async move {
             let resp = handler.handle(req, conn).await;
@@ -170,7 +219,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // Enforced below instead, only while a request's headers are actually awaited.
+        .header_read_timeout(None)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(io, service);
@@ -181,6 +231,7 @@ where
     }
     loop {
         let deadline = activity.idle_deadline(settings.idle_timeout);
+        let header_deadline = activity.header_deadline(settings.header_read_timeout);
         tokio::select! {
             res = connection.as_mut() => {
                 if let Err(e) = res {
@@ -198,6 +249,14 @@ where
                     tracing::debug!(peer = %conn.peer, "closing idle connection");
                     draining = true;
                     connection.as_mut().graceful_shutdown();
+                }
+            }
+            _ = tokio::time::sleep_until(header_deadline.unwrap_or_else(tokio::time::Instant::now)), if header_deadline.is_some() => {
+                let overdue = activity.header_deadline(settings.header_read_timeout).is_some_and(|d| tokio::time::Instant::now() >= d);
+                if overdue && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    // Slow or silent clients (slowloris) are cut, not drained.
+                    tracing::debug!(peer = %conn.peer, "closing a connection whose request headers did not arrive in time");
+                    break;
                 }
             }
         }

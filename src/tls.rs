@@ -25,15 +25,20 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, 
     if chain.is_empty() {
         return Err(format!("no certificate found in {}", cert.display()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read private key {}: {e}", key.display()))?;
     let signing = provider()
         .key_provider
         .load_private_key(key_der)
         .map_err(|e| format!("unsupported private key in {}: {e}", key.display()))?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| format!("the private key {} does not match the certificate {}: {e}", key.display(), cert.display()))?;
+    certified.keys_match().map_err(|e| {
+        format!(
+            "the private key {} does not match the certificate {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
     Ok(Arc::new(certified))
 }
 
@@ -46,7 +51,9 @@ pub struct CertResolver {
 impl CertResolver {
     /// A resolver starting with `initial`.
     pub fn new(initial: Arc<CertifiedKey>) -> Self {
-        CertResolver { current: ArcSwap::new(initial) }
+        CertResolver {
+            current: ArcSwap::new(initial),
+        }
     }
 
     /// Replaces the certificate for new handshakes.

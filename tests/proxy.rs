@@ -1194,7 +1194,6 @@ async fn a_request_in_flight_is_not_cut_by_idle_timeout() {
 /// `idle_timeout` (60 s) — behind a load balancer whose idle timeout is longer than 10 s that
 /// races into 502s.
 #[tokio::test]
-#[ignore = "server.rs: header_read_timeout (hyper's) closes idle keep-alive connections before idle_timeout"]
 async fn a_keep_alive_connection_lives_for_idle_timeout_not_header_read_timeout() {
     let up = start_upstream().await;
     let gw = start_gateway_with(gateway_config(
@@ -1222,7 +1221,6 @@ async fn a_keep_alive_connection_lives_for_idle_timeout_not_header_read_timeout(
 /// During the auto (h1/h2) protocol detection no timer runs, so a connection that sends
 /// nothing is held for `idle_timeout`, not `header_read_timeout`.
 #[tokio::test]
-#[ignore = "server.rs: a connection that sends no byte is only cut by idle_timeout"]
 async fn a_silent_connection_is_cut_by_header_read_timeout() {
     let up = start_upstream().await;
     let gw = start_gateway_with(gateway_config(
