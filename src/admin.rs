@@ -2,6 +2,7 @@
 //! `admin`-role keys get in; every change is committed and applied to the live index before
 //! the answer is sent.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::audit::Actor;
 use crate::auth::{extract_credential, Verifier};
+use crate::keys::check_secret_format;
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
@@ -145,34 +147,38 @@ fn manage_err(e: ManageError) -> GatewayError {
 
 impl AdminApi {
     /// Authenticates an admin request; records failed attempts in the audit trail.
-    fn authenticate(&self, req: &Request<Incoming>, actor_ip: &str) -> Result<Actor, GatewayError> {
+    fn authenticate(&self, req: &Request<Incoming>, ip: IpAddr) -> Result<Actor, GatewayError> {
         let rt = self.gateway.runtime.load();
         let cfg = &rt.config;
         // The admin API never takes keys from the query string: URLs end up in logs.
         let mut auth = cfg.auth.clone();
         auth.query_param = None;
+        // Failed admin logins share the data plane's per-IP lockout: a blocked address gets
+        // no lookup for credentials that cannot be keys, and no more audit events; a valid
+        // admin key from it still works.
+        let blocked = self.gateway.failed_auth.blocked(ip);
         let outcome = extract_credential(req.headers(), None, &auth).and_then(|cred| {
-            let verifier = Verifier {
-                index: &self.gateway.keys,
-                hasher: &self.gateway.hasher,
-                auth: &auth,
-            };
+            if let Some(retry) = blocked {
+                if check_secret_format(cred.secret, &auth.prefix, &auth.environments).is_none() {
+                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                }
+            }
+            let verifier = Verifier { index: &self.gateway.keys, hasher: &self.gateway.hasher, auth: &auth };
             verifier.identify(cred.secret, chrono::Utc::now().timestamp())
         });
+        let ip_text = ip.to_string();
         match outcome {
-            Ok(key) if key.role == Role::Admin => Ok(Actor {
-                key_id: Some(key.id.to_string()),
-                client_ip: Some(actor_ip.to_string()),
-            }),
+            Ok(key) if key.role == Role::Admin => Ok(Actor { key_id: Some(key.id.to_string()), client_ip: Some(ip_text) }),
             Ok(key) => {
-                self.audit_failure(actor_ip, Some(&key.id));
-                Err(GatewayError::InsufficientScope {
-                    required: "role:admin".into(),
-                    granted: key.scope_list(),
-                })
+                self.audit_failure(&ip_text, Some(&key.id));
+                Err(GatewayError::InsufficientScope { required: "role:admin".into(), granted: key.scope_list() })
             }
+            Err(e @ GatewayError::TooManyFailures { .. }) => Err(e),
             Err(e) => {
-                self.audit_failure(actor_ip, None);
+                if let Some(retry) = blocked.or_else(|| self.gateway.failed_auth.record_failure(ip)) {
+                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                }
+                self.audit_failure(&ip_text, None);
                 Err(e)
             }
         }
@@ -225,9 +231,8 @@ impl AdminApi {
                 req.headers(),
                 &rt.config.server.trusted_proxies,
             )
-            .to_string()
         };
-        let actor = self.authenticate(&req, &ip)?;
+        let actor = self.authenticate(&req, ip)?;
         let rt = self.gateway.runtime.load_full();
         let cfg = &rt.config;
         let m = self.manager.clone();

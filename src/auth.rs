@@ -121,17 +121,20 @@ impl Verifier<'_> {
     }
 }
 
+/// Checks the role's method rule: viewers may only read.
+pub fn authorize_method(key: &LiveKey, method: &Method) -> Result<(), GatewayError> {
+    if key.role == Role::Viewer && !is_read_only(method) {
+        return Err(GatewayError::InsufficientScope { required: format!("method:{method}"), granted: key.scope_list() });
+    }
+    Ok(())
+}
+
 /// Checks that `key` may call `method` on `deployment` through `route`.
 pub fn authorize(key: &LiveKey, deployment: &Deployment, route: Option<&Route>, method: &Method) -> Result<(), GatewayError> {
     if !key.allows_deployment(&deployment.name) {
         return Err(GatewayError::DeploymentForbidden { deployment: deployment.name.clone() });
     }
-    if key.role == Role::Viewer && !is_read_only(method) {
-        return Err(GatewayError::InsufficientScope {
-            required: format!("method:{method}"),
-            granted: key.scope_list(),
-        });
-    }
+    authorize_method(key, method)?;
     if let Some(scope) = route.and_then(|r| r.scope.as_deref()) {
         if !key.has_scope(scope) {
             return Err(GatewayError::InsufficientScope { required: scope.to_string(), granted: key.scope_list() });

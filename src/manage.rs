@@ -462,7 +462,7 @@ impl KeyManager {
                 Some(m) => authorize(&key, m.deployment, m.route, &method),
                 None => Err(GatewayError::NoRoute),
             },
-            None => Ok(()),
+            None => crate::auth::authorize_method(&key, &method),
         };
         let outcome = outcome.and_then(|()| match &req.scope {
             Some(s) if !key.has_scope(s) => Err(GatewayError::InsufficientScope { required: s.clone(), granted: key.scope_list() }),

@@ -2000,3 +2000,42 @@ async fn every_action_is_audited_with_its_actor_and_no_secret() {
     let show = admin.get(&format!("/v1/keys/{id}")).await;
     assert_no_secret(&show.body, &secrets, "show");
 }
+
+#[tokio::test]
+async fn verify_applies_the_viewer_method_rule_without_a_deployment() {
+    let gw = start_gateway("echo", EXTRA).await;
+    let admin = Admin::of(&gw);
+    let (_, viewer, _) = admin.create(json!({"name": "v", "role": "viewer"})).await;
+    let post = admin.post("/v1/verify", json!({"key": viewer, "method": "POST"})).await.json();
+    assert_eq!(post["valid"], false, "{post}");
+    assert_eq!(post["code"], "insufficient_scope");
+    let get = admin.post("/v1/verify", json!({"key": viewer, "method": "GET"})).await.json();
+    assert_eq!(get["valid"], true, "{get}");
+}
+
+#[tokio::test]
+async fn failed_admin_logins_are_locked_out_per_ip() {
+    let gw = start_gateway(
+        "echo",
+        "\n[rate_limit]\ndefault = \"none\"\nfailed_auth_per_ip = \"3/1m\"\n",
+    )
+    .await;
+    let admin = Admin::of(&gw);
+    let wrong = Admin::at(gw.running.admin_addr, "kg_prod_not-a-key".to_string());
+    for i in 0..3 {
+        let a = wrong.get("/v1/keys").await;
+        assert_eq!(a.status, 401, "attempt {i}: {:?}", a.body);
+    }
+    let blocked = wrong.get("/v1/keys").await;
+    assert_eq!(blocked.status, 429, "{:?}", blocked.body);
+    assert_eq!(blocked.code(), "too_many_failures");
+    assert!(blocked.headers.contains_key("retry-after"));
+    // Once blocked, more attempts are refused without writing more audit events.
+    let before = admin.audit(1000).await.iter().filter(|e| e["action"] == "admin.auth_failed").count();
+    for _ in 0..5 {
+        assert_eq!(wrong.get("/v1/keys").await.status, 429);
+    }
+    let after = admin.audit(1000).await;
+    let failed = after.iter().filter(|e| e["action"] == "admin.auth_failed").count();
+    assert_eq!(failed, before, "blocked attempts must not fill the audit trail");
+}
