@@ -133,7 +133,7 @@ pub enum Upstream {
     Echo,
     /// An HTTP server.
     Http {
-        /// `http` (https comes with TLS support).
+        /// `http` or `https`.
         scheme: http::uri::Scheme,
         /// host:port.
         authority: http::uri::Authority,
@@ -176,6 +176,8 @@ pub struct Deployment {
     pub timeout: Duration,
     /// Route rules, first match wins.
     pub routes: Vec<Route>,
+    /// Extra CA certificates (PEM) trusted for an `https://` upstream.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A validated, immutable configuration.
@@ -296,6 +298,7 @@ struct RawDeployment {
     timeout: S<String>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    ca_file: S<String>,
 }
 
 #[derive(Deserialize)]
@@ -376,8 +379,8 @@ fn parse_upstream(loc: &Locator, v: &Spanned<String>) -> Result<Upstream, Config
         .parse()
         .map_err(|_| bad("expected \"echo\" or a URL such as \"http://127.0.0.1:9000\""))?;
     let scheme = uri.scheme().cloned().ok_or_else(|| bad("missing scheme (http://)"))?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(bad("only http:// upstreams are supported"));
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(bad("use http:// or https://"));
     }
     let authority = uri.authority().cloned().ok_or_else(|| bad("missing host"))?;
     if authority.as_str().contains('@') {
@@ -621,6 +624,18 @@ impl Config {
                     return Err(loc.at(v.as_ref().map_or(0..0, |v| v.span()), "timeouts must be longer than zero"));
                 }
             }
+            let ca_file = match &d.ca_file {
+                None => None,
+                Some(p) => {
+                    let path = PathBuf::from(p.get_ref());
+                    let path = if path.is_relative() { base_dir.join(path) } else { path };
+                    if !matches!(upstream, Upstream::Http { ref scheme, .. } if *scheme == http::uri::Scheme::HTTPS) {
+                        return Err(loc.at(p.span(), "ca_file only applies to an https:// upstream"));
+                    }
+                    crate::upstream::root_store(Some(&path)).map_err(|e| loc.at(p.span(), e))?;
+                    Some(path)
+                }
+            };
             deployments.push(Deployment {
                 name,
                 name_header,
@@ -631,6 +646,7 @@ impl Config {
                 connect_timeout,
                 timeout,
                 routes,
+                ca_file,
             });
         }
 

@@ -52,7 +52,14 @@ impl Runtime {
             .map(|d| DeploymentRuntime {
                 client: match d.upstream {
                     Upstream::Echo => None,
-                    Upstream::Http { .. } => Some(proxy::build_client(d.connect_timeout)),
+                    Upstream::Http { .. } => match crate::upstream::build_client(d.connect_timeout, d.ca_file.as_deref()) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            // Validation loads the CA file too, so this is a race with an edit.
+                            tracing::error!(deployment = %d.name, error = %e, "cannot build the upstream client; requests will get 502");
+                            None
+                        }
+                    },
                 },
                 name: Arc::from(d.name.as_str()),
                 route_names: d.routes.iter().map(|r| Arc::from(r.name.as_str())).collect(),
@@ -300,7 +307,8 @@ impl Gateway {
                 parts.uri = proxy::upstream_uri(scheme, authority, base_path, path, query)?;
                 proxy::forward(client, Request::from_parts(parts, incoming), d.timeout).await
             }
-            _ => {
+            (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
+            (Upstream::Echo, _) => {
                 let pq = match query {
                     Some(q) => format!("{path}?{q}"),
                     None => path.to_string(),

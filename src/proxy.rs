@@ -15,7 +15,8 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_rustls::HttpsConnector;
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
 use crate::body::{self, Body};
@@ -24,7 +25,7 @@ use crate::error::GatewayError;
 use crate::keyindex::LiveKey;
 
 /// The pooled client used for one deployment.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// When a request body last moved on its way upstream.
 struct Progress {
@@ -74,20 +75,6 @@ impl http_body::Body for UpstreamBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Builds a keep-alive pooled client with the deployment's connect timeout.
-pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        // Without a timer the pool's idle timeout never fires (hyper-util pitfall).
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(connector)
 }
 
 /// Headers that describe one hop only (RFC 9110 §7.6.1) and are never forwarded.
