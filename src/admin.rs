@@ -15,10 +15,10 @@ use serde_json::{json, Value};
 
 use crate::audit::Actor;
 use crate::auth::{extract_credential, Verifier};
-use crate::keys::check_secret_format;
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::keys::check_secret_format;
 use crate::keys::Role;
 use crate::manage::{KeyManager, KeySpec, ListFilter, ManageError, VerifyRequest};
 use crate::proxy::{self, ConnInfo};
@@ -160,23 +160,38 @@ impl AdminApi {
         let outcome = extract_credential(req.headers(), None, &auth).and_then(|cred| {
             if let Some(retry) = blocked {
                 if check_secret_format(cred.secret, &auth.prefix, &auth.environments).is_none() {
-                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                    return Err(GatewayError::TooManyFailures {
+                        retry_after_seconds: retry,
+                    });
                 }
             }
-            let verifier = Verifier { index: &self.gateway.keys, hasher: &self.gateway.hasher, auth: &auth };
+            let verifier = Verifier {
+                index: &self.gateway.keys,
+                hasher: &self.gateway.hasher,
+                auth: &auth,
+            };
             verifier.identify(cred.secret, chrono::Utc::now().timestamp())
         });
         let ip_text = ip.to_string();
         match outcome {
-            Ok(key) if key.role == Role::Admin => Ok(Actor { key_id: Some(key.id.to_string()), client_ip: Some(ip_text) }),
+            Ok(key) if key.role == Role::Admin => Ok(Actor {
+                key_id: Some(key.id.to_string()),
+                client_ip: Some(ip_text),
+            }),
             Ok(key) => {
                 self.audit_failure(&ip_text, Some(&key.id));
-                Err(GatewayError::InsufficientScope { required: "role:admin".into(), granted: key.scope_list() })
+                Err(GatewayError::InsufficientScope {
+                    required: "role:admin".into(),
+                    granted: key.scope_list(),
+                })
             }
             Err(e @ GatewayError::TooManyFailures { .. }) => Err(e),
             Err(e) => {
-                if let Some(retry) = blocked.or_else(|| self.gateway.failed_auth.record_failure(ip)) {
-                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                if let Some(retry) = blocked.or_else(|| self.gateway.failed_auth.record_failure(ip))
+                {
+                    return Err(GatewayError::TooManyFailures {
+                        retry_after_seconds: retry,
+                    });
                 }
                 self.audit_failure(&ip_text, None);
                 Err(e)

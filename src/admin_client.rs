@@ -45,7 +45,9 @@ pub struct AdminClient {
 impl std::fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The key is a secret: never printed.
-        f.debug_struct("AdminClient").field("addr", &self.addr).finish()
+        f.debug_struct("AdminClient")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -55,10 +57,16 @@ impl AdminClient {
     pub fn new(config: &Config, key_file: Option<&Path>) -> Result<Self, ClientError> {
         let key = match key_file {
             Some(path) => std::fs::read_to_string(path)
-                .map_err(|source| ClientError::KeyFile { path: path.display().to_string(), source })?
+                .map_err(|source| ClientError::KeyFile {
+                    path: path.display().to_string(),
+                    source,
+                })?
                 .trim()
                 .to_string(),
-            None => std::env::var("KEYGATE_ADMIN_KEY").unwrap_or_default().trim().to_string(),
+            None => std::env::var("KEYGATE_ADMIN_KEY")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
         };
         if key.is_empty() {
             return Err(ClientError::NoAdminKey);
@@ -75,13 +83,26 @@ impl AdminClient {
     }
 
     /// Sends one request and returns the status and JSON answer (`null` for no body).
-    pub fn call(&self, method: Method, path_and_query: &str, body: Option<&Value>) -> Result<(StatusCode, Value), ClientError> {
-        let unreachable = |message: String| ClientError::Unreachable { addr: self.addr, message };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| unreachable(e.to_string()))?;
+    pub fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), ClientError> {
+        let unreachable = |message: String| ClientError::Unreachable {
+            addr: self.addr,
+            message,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| unreachable(e.to_string()))?;
         rt.block_on(async {
             let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
             let bytes = match body {
-                Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| unreachable(e.to_string()))?),
+                Some(v) => {
+                    Bytes::from(serde_json::to_vec(v).map_err(|e| unreachable(e.to_string()))?)
+                }
                 None => Bytes::new(),
             };
             let req = Request::builder()
@@ -91,13 +112,24 @@ impl AdminClient {
                 .header("content-type", "application/json")
                 .body(Full::new(bytes))
                 .map_err(|e| unreachable(e.to_string()))?;
-            let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
-                .await
-                .map_err(|_| unreachable("no answer within 30s".into()))?
-                .map_err(|e| unreachable(e.to_string()))?;
+            let resp =
+                tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
+                    .await
+                    .map_err(|_| unreachable("no answer within 30s".into()))?
+                    .map_err(|e| unreachable(e.to_string()))?;
             let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
-            let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned())) };
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            let value = if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&body)
+                    .unwrap_or(Value::String(String::from_utf8_lossy(&body).into_owned()))
+            };
             Ok((status, value))
         })
     }

@@ -40,7 +40,13 @@ impl Actor {
     }
 
     /// An event by this actor.
-    pub fn event(&self, action: &str, target_id: Option<&str>, target_name: Option<&str>, changes: Vec<String>) -> AuditEvent {
+    pub fn event(
+        &self,
+        action: &str,
+        target_id: Option<&str>,
+        target_name: Option<&str>,
+        changes: Vec<String>,
+    ) -> AuditEvent {
         AuditEvent {
             time: Utc::now(),
             action: action.to_string(),

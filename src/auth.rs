@@ -67,7 +67,10 @@ pub fn extract_credential<'a>(
     };
     for v in headers.get_all(&cfg.header) {
         // A value that is not text cannot be one of our keys; it still counts as sent.
-        offer(v.to_str().map(str::trim).unwrap_or("\u{0}"), CredentialSource::Header)?;
+        offer(
+            v.to_str().map(str::trim).unwrap_or("\u{0}"),
+            CredentialSource::Header,
+        )?;
     }
     if cfg.bearer {
         for v in headers.get_all(header::AUTHORIZATION) {
@@ -114,7 +117,9 @@ impl Verifier<'_> {
         if let Some(exp) = entry.key.expires_at {
             if now >= exp {
                 let at = DateTime::<Utc>::from_timestamp(exp, 0).unwrap_or_default();
-                return Err(GatewayError::KeyExpired { expired_at: rfc3339(&at) });
+                return Err(GatewayError::KeyExpired {
+                    expired_at: rfc3339(&at),
+                });
             }
         }
         Ok(entry.key)
@@ -124,20 +129,33 @@ impl Verifier<'_> {
 /// Checks the role's method rule: viewers may only read.
 pub fn authorize_method(key: &LiveKey, method: &Method) -> Result<(), GatewayError> {
     if key.role == Role::Viewer && !is_read_only(method) {
-        return Err(GatewayError::InsufficientScope { required: format!("method:{method}"), granted: key.scope_list() });
+        return Err(GatewayError::InsufficientScope {
+            required: format!("method:{method}"),
+            granted: key.scope_list(),
+        });
     }
     Ok(())
 }
 
 /// Checks that `key` may call `method` on `deployment` through `route`.
-pub fn authorize(key: &LiveKey, deployment: &Deployment, route: Option<&Route>, method: &Method) -> Result<(), GatewayError> {
+pub fn authorize(
+    key: &LiveKey,
+    deployment: &Deployment,
+    route: Option<&Route>,
+    method: &Method,
+) -> Result<(), GatewayError> {
     if !key.allows_deployment(&deployment.name) {
-        return Err(GatewayError::DeploymentForbidden { deployment: deployment.name.clone() });
+        return Err(GatewayError::DeploymentForbidden {
+            deployment: deployment.name.clone(),
+        });
     }
     authorize_method(key, method)?;
     if let Some(scope) = route.and_then(|r| r.scope.as_deref()) {
         if !key.has_scope(scope) {
-            return Err(GatewayError::InsufficientScope { required: scope.to_string(), granted: key.scope_list() });
+            return Err(GatewayError::InsufficientScope {
+                required: scope.to_string(),
+                granted: key.scope_list(),
+            });
         }
     }
     Ok(())
@@ -149,28 +167,46 @@ mod tests {
     use http::HeaderValue;
 
     fn cfg() -> AuthConfig {
-        crate::config::Config::parse(std::path::Path::new("t.toml"), "[auth]\nquery_param = \"api_key\"\n")
-            .unwrap()
-            .auth
+        crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[auth]\nquery_param = \"api_key\"\n",
+        )
+        .unwrap()
+        .auth
     }
 
     #[test]
     fn extraction_rules() {
         let cfg = cfg();
         let mut h = HeaderMap::new();
-        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::MissingKey);
+        assert_eq!(
+            extract_credential(&h, None, &cfg).unwrap_err(),
+            GatewayError::MissingKey
+        );
         h.insert("x-api-key", HeaderValue::from_static("a"));
         assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bEaReR a"));
         assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
-        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::AmbiguousCredentials);
+        assert_eq!(
+            extract_credential(&h, None, &cfg).unwrap_err(),
+            GatewayError::AmbiguousCredentials
+        );
         h.remove(header::AUTHORIZATION);
-        assert_eq!(extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap_err(), GatewayError::AmbiguousCredentials);
+        assert_eq!(
+            extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap_err(),
+            GatewayError::AmbiguousCredentials
+        );
         h.clear();
         let c = extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap();
         assert_eq!((c.secret, c.source), ("c", CredentialSource::Query));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic Zm9v"));
-        assert_eq!(extract_credential(&h, None, &cfg).unwrap_err(), GatewayError::MissingKey);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9v"),
+        );
+        assert_eq!(
+            extract_credential(&h, None, &cfg).unwrap_err(),
+            GatewayError::MissingKey
+        );
     }
 }

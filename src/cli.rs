@@ -17,14 +17,14 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
+use http::Method;
+use keygate::admin_client::AdminClient;
 use keygate::audit::{Actor, AuditEvent};
 use keygate::config::{Config, ConfigError};
 use keygate::error::GatewayError;
 use keygate::keys::{Role, SecretHasher};
 use keygate::manage::{KeyManager, KeySpec, ListFilter, ManageError, VerifyRequest};
-use keygate::admin_client::AdminClient;
 use keygate::store::{Store, StoreError};
-use http::Method;
 use keygate::units::parse_duration;
 use keygate::usage::{Usage, UsageReader};
 
@@ -383,16 +383,27 @@ fn encode_query(v: &str) -> String {
 
 impl Backend {
     /// Calls the admin API and turns an error answer into a [`Failure`].
-    fn remote(client: &AdminClient, method: Method, path: &str, body: Option<&Value>, id: Option<&str>) -> Result<Value, Failure> {
+    fn remote(
+        client: &AdminClient,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        id: Option<&str>,
+    ) -> Result<Value, Failure> {
         let (status, answer) = client.call(method, path, body).map_err(Failure::error)?;
         if status.is_success() {
             return Ok(answer);
         }
         let code = answer["error"]["code"].as_str().unwrap_or_default();
-        let message = answer["error"]["message"].as_str().map_or_else(|| format!("the admin API answered {status}"), str::to_string);
+        let message = answer["error"]["message"].as_str().map_or_else(
+            || format!("the admin API answered {status}"),
+            str::to_string,
+        );
         Err(match (code, id) {
             ("key_not_found", Some(id)) => Failure::error(format!("no key with id {id}")),
-            ("missing_key" | "invalid_key" | "key_expired", _) => Failure::error(format!("the admin API refused the admin key: {message}")),
+            ("missing_key" | "invalid_key" | "key_expired", _) => {
+                Failure::error(format!("the admin API refused the admin key: {message}"))
+            }
             _ => Failure::error(message),
         })
     }
@@ -403,16 +414,29 @@ impl Backend {
 
     fn create(&self, config: &Config, spec: &KeySpec, actor: &Actor) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.create(config, spec, actor).map_err(|e| manage_failure(e, None)),
-            Backend::Remote(c) => Self::remote(c, Method::POST, "/v1/keys", Some(&Self::to_json(spec)?), None),
+            Backend::Local { manager, .. } => manager
+                .create(config, spec, actor)
+                .map_err(|e| manage_failure(e, None)),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::POST,
+                "/v1/keys",
+                Some(&Self::to_json(spec)?),
+                None,
+            ),
         }
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.list(filter).map_err(|e| manage_failure(e, None)),
+            Backend::Local { manager, .. } => {
+                manager.list(filter).map_err(|e| manage_failure(e, None))
+            }
             Backend::Remote(c) => {
-                let mut path = format!("/v1/keys?status={}", encode_query(filter.status.as_deref().unwrap_or("active")));
+                let mut path = format!(
+                    "/v1/keys?status={}",
+                    encode_query(filter.status.as_deref().unwrap_or("active"))
+                );
                 if let Some(o) = &filter.owner {
                     path.push_str(&format!("&owner={}", encode_query(o)));
                 }
@@ -432,62 +456,137 @@ impl Backend {
                 answer["usage"] = usage.summary(id).map_err(Failure::error)?;
                 Ok(answer)
             }
-            Backend::Remote(c) => Self::remote(c, Method::GET, &format!("/v1/keys/{}", encode_query(id)), None, Some(id)),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::GET,
+                &format!("/v1/keys/{}", encode_query(id)),
+                None,
+                Some(id),
+            ),
         }
     }
 
-    fn update(&self, config: &Config, id: &str, spec: &KeySpec, actor: &Actor) -> Result<Value, Failure> {
+    fn update(
+        &self,
+        config: &Config,
+        id: &str,
+        spec: &KeySpec,
+        actor: &Actor,
+    ) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.update(config, id, spec, actor).map_err(|e| manage_failure(e, Some(id))),
-            Backend::Remote(c) => Self::remote(c, Method::PATCH, &format!("/v1/keys/{}", encode_query(id)), Some(&Self::to_json(spec)?), Some(id)),
+            Backend::Local { manager, .. } => manager
+                .update(config, id, spec, actor)
+                .map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::PATCH,
+                &format!("/v1/keys/{}", encode_query(id)),
+                Some(&Self::to_json(spec)?),
+                Some(id),
+            ),
         }
     }
 
-    fn rotate(&self, config: &Config, id: &str, grace: Option<&str>, actor: &Actor) -> Result<Value, Failure> {
+    fn rotate(
+        &self,
+        config: &Config,
+        id: &str,
+        grace: Option<&str>,
+        actor: &Actor,
+    ) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.rotate(config, id, grace, actor).map_err(|e| manage_failure(e, Some(id))),
+            Backend::Local { manager, .. } => manager
+                .rotate(config, id, grace, actor)
+                .map_err(|e| manage_failure(e, Some(id))),
             Backend::Remote(c) => {
                 let body = json!({ "grace": grace });
-                Self::remote(c, Method::POST, &format!("/v1/keys/{}/rotate", encode_query(id)), Some(&body), Some(id))
+                Self::remote(
+                    c,
+                    Method::POST,
+                    &format!("/v1/keys/{}/rotate", encode_query(id)),
+                    Some(&body),
+                    Some(id),
+                )
             }
         }
     }
 
     fn revoke(&self, id: &str, actor: &Actor) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.revoke(id, actor).map_err(|e| manage_failure(e, Some(id))),
-            Backend::Remote(c) => Self::remote(c, Method::POST, &format!("/v1/keys/{}/revoke", encode_query(id)), None, Some(id)),
+            Backend::Local { manager, .. } => manager
+                .revoke(id, actor)
+                .map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::POST,
+                &format!("/v1/keys/{}/revoke", encode_query(id)),
+                None,
+                Some(id),
+            ),
         }
     }
 
     /// Deletes the key and its usage (the manager drops usage with the key).
     fn delete(&self, id: &str, actor: &Actor) -> Result<(), Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.delete(id, actor).map(|_| ()).map_err(|e| manage_failure(e, Some(id))),
-            Backend::Remote(c) => Self::remote(c, Method::DELETE, &format!("/v1/keys/{}", encode_query(id)), None, Some(id)).map(|_| ()),
+            Backend::Local { manager, .. } => manager
+                .delete(id, actor)
+                .map(|_| ())
+                .map_err(|e| manage_failure(e, Some(id))),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::DELETE,
+                &format!("/v1/keys/{}", encode_query(id)),
+                None,
+                Some(id),
+            )
+            .map(|_| ()),
         }
     }
 
     fn verify(&self, config: &Config, req: &VerifyRequest) -> Result<Value, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.verify(config, req).map_err(|e| manage_failure(e, None)),
-            Backend::Remote(c) => Self::remote(c, Method::POST, "/v1/verify", Some(&Self::to_json(req)?), None),
+            Backend::Local { manager, .. } => manager
+                .verify(config, req)
+                .map_err(|e| manage_failure(e, None)),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::POST,
+                "/v1/verify",
+                Some(&Self::to_json(req)?),
+                None,
+            ),
         }
     }
 
     fn usage(&self, id: &str, days: u32) -> Result<Value, Failure> {
         match self {
             Backend::Local { usage, .. } => usage.report(id, days).map_err(Failure::error),
-            Backend::Remote(c) => Self::remote(c, Method::GET, &format!("/v1/keys/{}/usage?days={days}", encode_query(id)), None, Some(id)),
+            Backend::Remote(c) => Self::remote(
+                c,
+                Method::GET,
+                &format!("/v1/keys/{}/usage?days={days}", encode_query(id)),
+                None,
+                Some(id),
+            ),
         }
     }
 
     fn audit(&self, limit: usize) -> Result<Vec<AuditEvent>, Failure> {
         match self {
-            Backend::Local { manager, .. } => manager.store.list_audit(limit).map_err(Failure::error),
+            Backend::Local { manager, .. } => {
+                manager.store.list_audit(limit).map_err(Failure::error)
+            }
             Backend::Remote(c) => {
-                let answer = Self::remote(c, Method::GET, &format!("/v1/audit?limit={}", limit.clamp(1, 10_000)), None, None)?;
-                serde_json::from_value(answer["events"].clone()).map_err(|e| Failure::error(format!("unexpected audit answer: {e}")))
+                let answer = Self::remote(
+                    c,
+                    Method::GET,
+                    &format!("/v1/audit?limit={}", limit.clamp(1, 10_000)),
+                    None,
+                    None,
+                )?;
+                serde_json::from_value(answer["events"].clone())
+                    .map_err(|e| Failure::error(format!("unexpected audit answer: {e}")))
             }
         }
     }
@@ -512,10 +611,16 @@ impl Ctx {
                 manager.usage = usage.clone();
                 Backend::Local { manager, usage }
             }
-            Err(StoreError::InUse(_)) => Backend::Remote(AdminClient::new(&config, admin_key_file).map_err(Failure::error)?),
+            Err(StoreError::InUse(_)) => {
+                Backend::Remote(AdminClient::new(&config, admin_key_file).map_err(Failure::error)?)
+            }
             Err(e) => return Err(Failure::error(e)),
         };
-        Ok(Ctx { config, backend, actor: Actor::local() })
+        Ok(Ctx {
+            config,
+            backend,
+            actor: Actor::local(),
+        })
     }
 
     fn keys(&self, cmd: KeysCommand) -> Outcome {
@@ -536,7 +641,9 @@ impl Ctx {
         if opts.name.is_none() {
             ask_create_fields(&mut opts, &self.config)?;
         }
-        let answer = self.backend.create(&self.config, &key_spec(&opts), &self.actor)?;
+        let answer = self
+            .backend
+            .create(&self.config, &key_spec(&opts), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -585,7 +692,9 @@ impl Ctx {
                  --deployments, --expires, --rate-limit",
             ));
         }
-        let answer = self.backend.update(&self.config, &args.id, &key_spec(&args.opts), &self.actor)?;
+        let answer =
+            self.backend
+                .update(&self.config, &args.id, &key_spec(&args.opts), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }
@@ -615,7 +724,9 @@ impl Ctx {
             );
             confirm(&question, args.force, "rotate", &args.id)?;
         }
-        let answer = self.backend.rotate(&self.config, &args.id, args.grace.as_deref(), &self.actor)?;
+        let answer =
+            self.backend
+                .rotate(&self.config, &args.id, args.grace.as_deref(), &self.actor)?;
         if args.json {
             return emit_json(&answer);
         }

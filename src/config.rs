@@ -324,11 +324,21 @@ impl Locator<'_> {
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let col = before[line_start..].chars().count() + 1;
-        ConfigError { file: self.file.clone(), line, col, message: message.into() }
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            col,
+            message: message.into(),
+        }
     }
 
     fn whole_file(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.clone(), line: 1, col: 1, message: message.into() }
+        ConfigError {
+            file: self.file.clone(),
+            line: 1,
+            col: 1,
+            message: message.into(),
+        }
     }
 }
 
@@ -343,12 +353,22 @@ fn addr_or(loc: &Locator, v: &S<String>, default: &str) -> Result<SocketAddr, Co
     match v {
         None => Ok(default.parse().expect("default addresses are valid")),
         Some(s) => s.get_ref().parse().map_err(|_| {
-            loc.at(s.span(), format!("bad address {:?}: expected IP:PORT such as \"0.0.0.0:8080\"", s.get_ref()))
+            loc.at(
+                s.span(),
+                format!(
+                    "bad address {:?}: expected IP:PORT such as \"0.0.0.0:8080\"",
+                    s.get_ref()
+                ),
+            )
         }),
     }
 }
 
-fn limit_or(loc: &Locator, v: &S<String>, default: Option<Limit>) -> Result<Option<Limit>, ConfigError> {
+fn limit_or(
+    loc: &Locator,
+    v: &S<String>,
+    default: Option<Limit>,
+) -> Result<Option<Limit>, ConfigError> {
     match v {
         None => Ok(default),
         Some(s) => Limit::parse(s.get_ref()).map_err(|e| loc.at(s.span(), e)),
@@ -378,11 +398,17 @@ fn parse_upstream(loc: &Locator, v: &Spanned<String>) -> Result<Upstream, Config
     let uri: http::Uri = text
         .parse()
         .map_err(|_| bad("expected \"echo\" or a URL such as \"http://127.0.0.1:9000\""))?;
-    let scheme = uri.scheme().cloned().ok_or_else(|| bad("missing scheme (http://)"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| bad("missing scheme (http://)"))?;
     if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
         return Err(bad("use http:// or https://"));
     }
-    let authority = uri.authority().cloned().ok_or_else(|| bad("missing host"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad("missing host"))?;
     if authority.as_str().contains('@') {
         return Err(bad("credentials in the URL are not supported"));
     }
@@ -390,7 +416,11 @@ fn parse_upstream(loc: &Locator, v: &Spanned<String>) -> Result<Upstream, Config
         return Err(bad("a query string is not allowed"));
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
-    Ok(Upstream::Http { scheme, authority, base_path })
+    Ok(Upstream::Http {
+        scheme,
+        authority,
+        base_path,
+    })
 }
 
 fn validate_env_name(s: &str) -> bool {
@@ -412,7 +442,10 @@ impl Config {
 
     /// Validates config text that came from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let loc = Locator { file: path.display().to_string(), text };
+        let loc = Locator {
+            file: path.display().to_string(),
+            text,
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().to_string();
             match e.span() {
@@ -424,7 +457,12 @@ impl Config {
         Self::validate(raw, &loc, path, &base_dir)
     }
 
-    fn validate(raw: RawConfig, loc: &Locator, path: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
+    fn validate(
+        raw: RawConfig,
+        loc: &Locator,
+        path: &Path,
+        base_dir: &Path,
+    ) -> Result<Config, ConfigError> {
         let s = &raw.server;
         let mut trusted_proxies = Vec::new();
         for p in s.trusted_proxies.iter().flatten() {
@@ -451,23 +489,37 @@ impl Config {
                             return Err(loc.at(p.span(), "the path must not be empty"));
                         }
                         let path = PathBuf::from(p.get_ref());
-                        Ok(if path.is_relative() { base_dir.join(path) } else { path })
+                        Ok(if path.is_relative() {
+                            base_dir.join(path)
+                        } else {
+                            path
+                        })
                     };
-                    let tls = TlsConfig { listen: addr_or(loc, &t.listen, "0.0.0.0:8443")?, cert: resolve(&t.cert)?, key: resolve(&t.key)? };
+                    let tls = TlsConfig {
+                        listen: addr_or(loc, &t.listen, "0.0.0.0:8443")?,
+                        cert: resolve(&t.cert)?,
+                        key: resolve(&t.key)?,
+                    };
                     // Fail `keygate check` (ExecStartPre) on a certificate that would not load.
-                    crate::tls::load_certified_key(&tls.cert, &tls.key).map_err(|e| loc.at(t.cert.span(), e))?;
+                    crate::tls::load_certified_key(&tls.cert, &tls.key)
+                        .map_err(|e| loc.at(t.cert.span(), e))?;
                     Some(tls)
                 }
             },
         };
-        for (field, v) in [("header_read_timeout", &s.header_read_timeout), ("idle_timeout", &s.idle_timeout)] {
+        for (field, v) in [
+            ("header_read_timeout", &s.header_read_timeout),
+            ("idle_timeout", &s.idle_timeout),
+        ] {
             if let Some(v) = v {
                 if parse_duration(v.get_ref()).is_ok_and(|d| d.is_zero()) {
                     return Err(loc.at(v.span(), format!("{field} must be longer than zero")));
                 }
             }
         }
-        let admin = AdminConfig { listen: addr_or(loc, &raw.admin.listen, "127.0.0.1:8091")? };
+        let admin = AdminConfig {
+            listen: addr_or(loc, &raw.admin.listen, "127.0.0.1:8091")?,
+        };
         if admin.listen == server.listen && admin.listen.port() != 0 {
             let span = raw.admin.listen.as_ref().map_or(0..0, |l| l.span());
             return Err(loc.at(span, "admin.listen must differ from server.listen"));
@@ -476,38 +528,66 @@ impl Config {
         let st = &raw.store;
         let store_path = match &st.path {
             None => PathBuf::from("data/keygate.redb"),
-            Some(p) if p.get_ref().trim().is_empty() => return Err(loc.at(p.span(), "store.path must not be empty")),
+            Some(p) if p.get_ref().trim().is_empty() => {
+                return Err(loc.at(p.span(), "store.path must not be empty"))
+            }
             Some(p) => PathBuf::from(p.get_ref()),
         };
-        let store_path = if store_path.is_relative() { base_dir.join(store_path) } else { store_path };
+        let store_path = if store_path.is_relative() {
+            base_dir.join(store_path)
+        } else {
+            store_path
+        };
         let retention = match &st.usage_retention_days {
             None => 90,
             Some(d) => u32::try_from(*d.get_ref())
                 .ok()
                 .filter(|d| *d >= 1)
-                .ok_or_else(|| loc.at(d.span(), "usage_retention_days must be a whole number of days, at least 1"))?,
+                .ok_or_else(|| {
+                    loc.at(
+                        d.span(),
+                        "usage_retention_days must be a whole number of days, at least 1",
+                    )
+                })?,
         };
         let flush = duration_or(loc, &st.usage_flush_interval, Duration::from_secs(1))?;
         if flush.is_zero() {
             let span = st.usage_flush_interval.as_ref().map_or(0..0, |v| v.span());
             return Err(loc.at(span, "usage_flush_interval must be longer than zero"));
         }
-        let store = StoreConfig { path: store_path, usage_flush_interval: flush, usage_retention_days: retention };
+        let store = StoreConfig {
+            path: store_path,
+            usage_flush_interval: flush,
+            usage_retention_days: retention,
+        };
 
         let a = &raw.auth;
-        let prefix = match &a.prefix {
-            None => "kg".to_string(),
-            Some(p) if validate_env_name(p.get_ref()) => p.get_ref().clone(),
-            Some(p) => return Err(loc.at(p.span(), "auth.prefix must be 1-16 letters or digits (it is followed by '_' in keys)")),
-        };
+        let prefix =
+            match &a.prefix {
+                None => "kg".to_string(),
+                Some(p) if validate_env_name(p.get_ref()) => p.get_ref().clone(),
+                Some(p) => return Err(loc.at(
+                    p.span(),
+                    "auth.prefix must be 1-16 letters or digits (it is followed by '_' in keys)",
+                )),
+            };
         let environments = match &a.environments {
-            None => ["dev", "ci", "stg", "prod"].iter().map(|s| s.to_string()).collect(),
+            None => ["dev", "ci", "stg", "prod"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             Some(list) => {
                 if list.get_ref().is_empty() {
-                    return Err(loc.at(list.span(), "auth.environments must list at least one environment"));
+                    return Err(loc.at(
+                        list.span(),
+                        "auth.environments must list at least one environment",
+                    ));
                 }
                 if let Some(bad) = list.get_ref().iter().find(|e| !validate_env_name(e)) {
-                    return Err(loc.at(list.span(), format!("bad environment {bad:?}: use 1-16 letters or digits")));
+                    return Err(loc.at(
+                        list.span(),
+                        format!("bad environment {bad:?}: use 1-16 letters or digits"),
+                    ));
                 }
                 list.get_ref().clone()
             }
@@ -519,14 +599,26 @@ impl Config {
         };
         if header == http::header::AUTHORIZATION || header.as_str().starts_with("x-keygate-") {
             let span = a.header.as_ref().map_or(0..0, |h| h.span());
-            return Err(loc.at(span, "auth.header cannot be Authorization or an X-Keygate-* header"));
+            return Err(loc.at(
+                span,
+                "auth.header cannot be Authorization or an X-Keygate-* header",
+            ));
         }
-        let query_param = a.query_param.as_ref().map(|q| q.get_ref().trim().to_string()).filter(|q| !q.is_empty());
+        let query_param = a
+            .query_param
+            .as_ref()
+            .map(|q| q.get_ref().trim().to_string())
+            .filter(|q| !q.is_empty());
         let forward_auth_path = match &a.forward_auth_path {
             None => Some("/.keygate/auth".to_string()),
             Some(p) if p.get_ref().is_empty() => None,
-            Some(p) if is_segment_prefix(p.get_ref()) && p.get_ref() != "/" => Some(normalize_prefix(p.get_ref())),
-            Some(p) => return Err(loc.at(p.span(), "forward_auth_path must be a path such as \"/.keygate/auth\", or \"\" to disable")),
+            Some(p) if is_segment_prefix(p.get_ref()) && p.get_ref() != "/" => {
+                Some(normalize_prefix(p.get_ref()))
+            }
+            Some(p) => return Err(loc.at(
+                p.span(),
+                "forward_auth_path must be a path such as \"/.keygate/auth\", or \"\" to disable",
+            )),
         };
         let auth = AuthConfig {
             prefix,
@@ -542,11 +634,18 @@ impl Config {
         let mut roles = HashMap::new();
         for (role, limit) in &r.roles {
             let role: Role = role.parse().map_err(|e: String| loc.at(limit.span(), e))?;
-            roles.insert(role, Limit::parse(limit.get_ref()).map_err(|e| loc.at(limit.span(), e))?);
+            roles.insert(
+                role,
+                Limit::parse(limit.get_ref()).map_err(|e| loc.at(limit.span(), e))?,
+            );
         }
         let rate_limit = RateLimitConfig {
             default: limit_or(loc, &r.default, Limit::parse("1000/1m").ok().flatten())?,
-            failed_auth_per_ip: limit_or(loc, &r.failed_auth_per_ip, Limit::parse("30/1m").ok().flatten())?,
+            failed_auth_per_ip: limit_or(
+                loc,
+                &r.failed_auth_per_ip,
+                Limit::parse("30/1m").ok().flatten(),
+            )?,
             roles,
         };
 
@@ -556,14 +655,20 @@ impl Config {
                 Some(f) => match f.get_ref().as_str() {
                     "pretty" => LogFormat::Pretty,
                     "json" => LogFormat::Json,
-                    other => return Err(loc.at(f.span(), format!("bad log format {other:?}: use \"pretty\" or \"json\""))),
+                    other => {
+                        return Err(loc.at(
+                            f.span(),
+                            format!("bad log format {other:?}: use \"pretty\" or \"json\""),
+                        ))
+                    }
                 },
             },
             level: match &raw.log.level {
                 None => "info".to_string(),
                 Some(l) => {
-                    tracing_subscriber::EnvFilter::try_new(l.get_ref())
-                        .map_err(|e| loc.at(l.span(), format!("bad log level {:?}: {e}", l.get_ref())))?;
+                    tracing_subscriber::EnvFilter::try_new(l.get_ref()).map_err(|e| {
+                        loc.at(l.span(), format!("bad log level {:?}: {e}", l.get_ref()))
+                    })?;
                     l.get_ref().clone()
                 }
             },
@@ -574,7 +679,10 @@ impl Config {
         for d in &raw.deployments {
             let name = d.name.get_ref().trim().to_string();
             if name.is_empty() || name == "*" || name.contains(',') {
-                return Err(loc.at(d.name.span(), "a deployment name must be non-empty and cannot be \"*\" or contain ','"));
+                return Err(loc.at(
+                    d.name.span(),
+                    "a deployment name must be non-empty and cannot be \"*\" or contain ','",
+                ));
             }
             let name_header = HeaderValue::from_str(&name)
                 .map_err(|_| loc.at(d.name.span(), "a deployment name must be printable ASCII"))?;
@@ -586,7 +694,11 @@ impl Config {
             for h in &d.hosts {
                 let host = h.get_ref().trim().to_ascii_lowercase();
                 let bare = host.strip_prefix("*.").unwrap_or(&host);
-                if bare.is_empty() || !bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+                if bare.is_empty()
+                    || !bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
                     return Err(loc.at(h.span(), format!("bad host {host:?}: expected a name such as \"api.example.com\" or \"*.example.com\" (no port)")));
                 }
                 hosts.push(host);
@@ -594,7 +706,12 @@ impl Config {
             let path_prefix = match &d.path_prefix {
                 None => "/".to_string(),
                 Some(p) if is_segment_prefix(p.get_ref()) => normalize_prefix(p.get_ref()),
-                Some(p) => return Err(loc.at(p.span(), format!("bad path_prefix {:?}: must start with '/'", p.get_ref()))),
+                Some(p) => {
+                    return Err(loc.at(
+                        p.span(),
+                        format!("bad path_prefix {:?}: must start with '/'", p.get_ref()),
+                    ))
+                }
             };
             let mut routes = Vec::new();
             for rr in &d.routes {
@@ -608,29 +725,53 @@ impl Config {
                 let path = match &rr.path {
                     None => "/".to_string(),
                     Some(p) if is_segment_prefix(p.get_ref()) => normalize_prefix(p.get_ref()),
-                    Some(p) => return Err(loc.at(p.span(), format!("bad route path {:?}: must start with '/'", p.get_ref()))),
+                    Some(p) => {
+                        return Err(loc.at(
+                            p.span(),
+                            format!("bad route path {:?}: must start with '/'", p.get_ref()),
+                        ))
+                    }
                 };
-                let scope = rr.scope.as_ref().map(|s| s.get_ref().trim().to_string()).filter(|s| !s.is_empty());
+                let scope = rr
+                    .scope
+                    .as_ref()
+                    .map(|s| s.get_ref().trim().to_string())
+                    .filter(|s| !s.is_empty());
                 let rname = rr.name.get_ref().trim();
                 if rname.is_empty() {
                     return Err(loc.at(rr.name.span(), "a route name must not be empty"));
                 }
-                routes.push(Route { name: rname.to_string(), methods, path, scope });
+                routes.push(Route {
+                    name: rname.to_string(),
+                    methods,
+                    path,
+                    scope,
+                });
             }
             let connect_timeout = duration_or(loc, &d.connect_timeout, Duration::from_secs(5))?;
             let timeout = duration_or(loc, &d.timeout, Duration::from_secs(30))?;
             for (v, t) in [(&d.connect_timeout, connect_timeout), (&d.timeout, timeout)] {
                 if t.is_zero() {
-                    return Err(loc.at(v.as_ref().map_or(0..0, |v| v.span()), "timeouts must be longer than zero"));
+                    return Err(loc.at(
+                        v.as_ref().map_or(0..0, |v| v.span()),
+                        "timeouts must be longer than zero",
+                    ));
                 }
             }
             let ca_file = match &d.ca_file {
                 None => None,
                 Some(p) => {
                     let path = PathBuf::from(p.get_ref());
-                    let path = if path.is_relative() { base_dir.join(path) } else { path };
-                    if !matches!(upstream, Upstream::Http { ref scheme, .. } if *scheme == http::uri::Scheme::HTTPS) {
-                        return Err(loc.at(p.span(), "ca_file only applies to an https:// upstream"));
+                    let path = if path.is_relative() {
+                        base_dir.join(path)
+                    } else {
+                        path
+                    };
+                    if !matches!(upstream, Upstream::Http { ref scheme, .. } if *scheme == http::uri::Scheme::HTTPS)
+                    {
+                        return Err(
+                            loc.at(p.span(), "ca_file only applies to an https:// upstream")
+                        );
                     }
                     crate::upstream::root_store(Some(&path)).map_err(|e| loc.at(p.span(), e))?;
                     Some(path)
@@ -702,7 +843,10 @@ mod tests {
     fn bad_duration_is_located() {
         let e = parse("[server]\nidle_timeout = \"5x\"\n").unwrap_err();
         assert_eq!((e.line, e.col), (2, 16), "{e}");
-        assert!(e.to_string().starts_with("gateway.toml:2:16: bad duration"), "{e}");
+        assert!(
+            e.to_string().starts_with("gateway.toml:2:16: bad duration"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -725,7 +869,8 @@ mod tests {
 
     #[test]
     fn limit_precedence() {
-        let c = parse("[rate_limit]\ndefault = \"10/1m\"\n[rate_limit.roles]\nviewer = \"5/1m\"\n").unwrap();
+        let c = parse("[rate_limit]\ndefault = \"10/1m\"\n[rate_limit.roles]\nviewer = \"5/1m\"\n")
+            .unwrap();
         assert_eq!(c.limit_for(Role::Viewer, None).unwrap().requests, 5);
         assert_eq!(c.limit_for(Role::Operator, None).unwrap().requests, 10);
         let own = Limit::parse("3/1m").unwrap();

@@ -20,7 +20,12 @@ pub async fn respond(req: Request<Incoming>) -> Response<Body> {
     }
     let mut headers = Map::new();
     for name in parts.headers.keys() {
-        let values: Vec<&str> = parts.headers.get_all(name).iter().map(|v| v.to_str().unwrap_or("<binary>")).collect();
+        let values: Vec<&str> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("<binary>"))
+            .collect();
         headers.insert(name.as_str().to_string(), Value::String(values.join(", ")));
     }
     let answer = serde_json::json!({

@@ -153,11 +153,17 @@ impl GatewayError {
             InsufficientScope { required, granted } => {
                 serde_json::json!({"required": required, "granted": granted})
             }
-            RateLimited { limit, window_seconds, retry_after_seconds } => serde_json::json!({
+            RateLimited {
+                limit,
+                window_seconds,
+                retry_after_seconds,
+            } => serde_json::json!({
                 "limit": limit, "window_seconds": window_seconds,
                 "retry_after_seconds": retry_after_seconds
             }),
-            TooManyFailures { retry_after_seconds } => {
+            TooManyFailures {
+                retry_after_seconds,
+            } => {
                 serde_json::json!({"retry_after_seconds": retry_after_seconds})
             }
             InvalidRequest { field, .. } => serde_json::json!({"field": field}),
@@ -174,8 +180,10 @@ impl GatewayError {
         let mut resp = match self.static_body() {
             Some(bytes) => {
                 let mut r = Response::new(body::full(Bytes::from_static(bytes)));
-                r.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 r
             }
             None => body::json(self.status(), &self.body_json()),
@@ -183,14 +191,21 @@ impl GatewayError {
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         match self {
-            GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::KeyExpired { .. } => {
+            GatewayError::MissingKey
+            | GatewayError::InvalidKey
+            | GatewayError::KeyExpired { .. } => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"keygate\""),
                 );
             }
-            GatewayError::RateLimited { retry_after_seconds, .. }
-            | GatewayError::TooManyFailures { retry_after_seconds } => {
+            GatewayError::RateLimited {
+                retry_after_seconds,
+                ..
+            }
+            | GatewayError::TooManyFailures {
+                retry_after_seconds,
+            } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
             }
             _ => {}
@@ -200,7 +215,10 @@ impl GatewayError {
 
     /// Shorthand for an `invalid_request` naming `field`.
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        GatewayError::InvalidRequest { field: field.to_string(), message: message.into() }
+        GatewayError::InvalidRequest {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -218,14 +236,18 @@ mod tests {
             GatewayError::UpstreamUnavailable,
             GatewayError::UpstreamTimeout,
         ] {
-            let canned: serde_json::Value = serde_json::from_slice(e.static_body().unwrap()).unwrap();
+            let canned: serde_json::Value =
+                serde_json::from_slice(e.static_body().unwrap()).unwrap();
             assert_eq!(canned, e.body_json(), "{e:?}");
         }
     }
 
     #[test]
     fn extra_fields_are_merged() {
-        let e = GatewayError::InsufficientScope { required: "a".into(), granted: vec!["b".into()] };
+        let e = GatewayError::InsufficientScope {
+            required: "a".into(),
+            granted: vec!["b".into()],
+        };
         let v = e.body_json();
         assert_eq!(v["error"]["code"], "insufficient_scope");
         assert_eq!(v["error"]["required"], "a");

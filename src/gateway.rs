@@ -66,7 +66,10 @@ impl Runtime {
                 counters: metrics.deployment(&d.name),
             })
             .collect();
-        Runtime { config, deployments }
+        Runtime {
+            config,
+            deployments,
+        }
     }
 }
 
@@ -102,7 +105,9 @@ struct Outcome {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
@@ -113,14 +118,23 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
 /// Adds `RateLimit-*` headers for an allowed or denied decision.
 fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
     let (limit, remaining, reset) = match d {
         Decision::Unlimited => return,
-        Decision::Allowed { limit, remaining, reset, .. } => (limit, remaining, reset),
+        Decision::Allowed {
+            limit,
+            remaining,
+            reset,
+            ..
+        } => (limit, remaining, reset),
         Decision::Denied { limit, reset, .. } => (limit, 0, reset),
     };
     headers.insert(&RATELIMIT_LIMIT, HeaderValue::from(limit));
@@ -129,12 +143,20 @@ fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
 }
 
 fn counts_as_failed_auth(e: &GatewayError) -> bool {
-    matches!(e, GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::AmbiguousCredentials)
+    matches!(
+        e,
+        GatewayError::MissingKey | GatewayError::InvalidKey | GatewayError::AmbiguousCredentials
+    )
 }
 
 impl Gateway {
     /// A gateway serving `config` with the keys in `keys`, counting usage into `usage`.
-    pub fn new(config: Config, keys: Arc<KeyIndex>, hasher: SecretHasher, usage: Arc<Usage>) -> Self {
+    pub fn new(
+        config: Config,
+        keys: Arc<KeyIndex>,
+        hasher: SecretHasher,
+        usage: Arc<Usage>,
+    ) -> Self {
         let metrics = Arc::new(Metrics::default());
         let failed_auth = FailedAuth::new();
         failed_auth.configure(config.rate_limit.failed_auth_per_ip);
@@ -152,8 +174,10 @@ impl Gateway {
 
     /// Replaces the configuration snapshot; requests in flight keep the one they started with.
     pub fn apply_config(&self, config: Config) {
-        self.failed_auth.configure(config.rate_limit.failed_auth_per_ip);
-        self.runtime.store(Arc::new(Runtime::new(config, &self.metrics)));
+        self.failed_auth
+            .configure(config.rate_limit.failed_auth_per_ip);
+        self.runtime
+            .store(Arc::new(Runtime::new(config, &self.metrics)));
     }
 
     /// The metrics text with current gauges.
@@ -161,7 +185,11 @@ impl Gateway {
         let gauges = Gauges {
             keys_loaded: self.keys.len() as u64,
             usage_pending: self.usage.pending(),
-            usage_flush_seconds: self.usage.last_flush_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6,
+            usage_flush_seconds: self
+                .usage
+                .last_flush_micros
+                .load(std::sync::atomic::Ordering::Relaxed) as f64
+                / 1e6,
         };
         self.metrics.render(&gauges)
     }
@@ -177,7 +205,11 @@ impl Gateway {
         let rt = self.runtime.load_full();
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let ip = proxy::client_ip(conn.peer.ip(), req.headers(), &rt.config.server.trusted_proxies);
+        let ip = proxy::client_ip(
+            conn.peer.ip(),
+            req.headers(),
+            &rt.config.server.trusted_proxies,
+        );
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let mut out = Outcome::default();
         let mut resp = match self.process(&rt, req, &conn, ip, &mut out).await {
@@ -197,10 +229,24 @@ impl Gateway {
             None => self.metrics.count_unrouted(status),
         }
         if out.authorized || out.error.is_some_and(|c| c != "no_route") {
-            self.metrics.count_auth(if out.authorized && out.error.is_none_or(|c| c.starts_with("upstream")) { "ok" } else { out.error.unwrap_or("ok") });
+            self.metrics.count_auth(
+                if out.authorized && out.error.is_none_or(|c| c.starts_with("upstream")) {
+                    "ok"
+                } else {
+                    out.error.unwrap_or("ok")
+                },
+            );
         }
         if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation.clone()) {
-            self.usage.record(Hit { key: &key.id, deployment: &d.name, operation: op, status, now: unix_now(), ip, user_agent: user_agent.as_ref() });
+            self.usage.record(Hit {
+                key: &key.id,
+                deployment: &d.name,
+                operation: op,
+                status,
+                now: unix_now(),
+                ip,
+                user_agent: user_agent.as_ref(),
+            });
         }
         tracing::info!(
             target: "keygate::access",
@@ -218,19 +264,40 @@ impl Gateway {
         resp
     }
 
-    async fn process(&self, rt: &Runtime, req: Request<Incoming>, conn: &ConnInfo, ip: IpAddr, out: &mut Outcome) -> Result<Response<Body>, GatewayError> {
+    async fn process(
+        &self,
+        rt: &Runtime,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        ip: IpAddr,
+        out: &mut Outcome,
+    ) -> Result<Response<Body>, GatewayError> {
         let cfg = &rt.config;
         if let Some(fa) = cfg.auth.forward_auth_path.as_deref() {
             if router::segment_prefix(req.uri().path(), fa) {
                 return self.forward_auth(rt, &req, fa, ip, out);
             }
         }
-        let m = router::route(cfg, request_host(&req), req.uri().path(), req.method()).ok_or(GatewayError::NoRoute)?;
+        let m = router::route(cfg, request_host(&req), req.uri().path(), req.method())
+            .ok_or(GatewayError::NoRoute)?;
         self.note_route(rt, &m, req.method(), out);
-        let key = self.check(rt, req.headers(), req.uri().query(), &m, req.method(), ip, out)?;
+        let key = self.check(
+            rt,
+            req.headers(),
+            req.uri().query(),
+            &m,
+            req.method(),
+            ip,
+            out,
+        )?;
         let started = Instant::now();
         let result = self.forward(rt, req, conn, &m, &key).await;
-        if result.is_ok() || matches!(result, Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable)) {
+        if result.is_ok()
+            || matches!(
+                result,
+                Err(GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable)
+            )
+        {
             self.metrics.observe_upstream(started.elapsed());
         }
         result
@@ -238,31 +305,56 @@ impl Gateway {
 
     fn note_route(&self, rt: &Runtime, m: &RouteMatch<'_>, method: &Method, out: &mut Outcome) {
         out.deployment = Some(m.index);
-        out.operation = Some(match m.route_index.and_then(|i| rt.deployments.get(m.index)?.route_names.get(i)) {
-            Some(name) => Operation::Route(name.clone()),
-            None => Operation::Method(method.clone()),
-        });
+        out.operation = Some(
+            match m
+                .route_index
+                .and_then(|i| rt.deployments.get(m.index)?.route_names.get(i))
+            {
+                Some(name) => Operation::Route(name.clone()),
+                None => Operation::Method(method.clone()),
+            },
+        );
     }
 
     /// Failed-auth guard → credential → key → deployment/scope → rate limit.
     #[allow(clippy::too_many_arguments)]
-    fn check(&self, rt: &Runtime, headers: &HeaderMap, query: Option<&str>, m: &RouteMatch<'_>, method: &Method, ip: IpAddr, out: &mut Outcome) -> Result<Arc<LiveKey>, GatewayError> {
+    fn check(
+        &self,
+        rt: &Runtime,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        m: &RouteMatch<'_>,
+        method: &Method,
+        ip: IpAddr,
+        out: &mut Outcome,
+    ) -> Result<Arc<LiveKey>, GatewayError> {
         let cfg = &rt.config;
         let blocked = self.failed_auth.blocked(ip);
         let identified = extract_credential(headers, query, &cfg.auth).and_then(|cred| {
             if let Some(retry) = blocked {
                 // A blocked address gets no key lookup for credentials that cannot be keys.
-                if check_secret_format(cred.secret, &cfg.auth.prefix, &cfg.auth.environments).is_none() {
-                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                if check_secret_format(cred.secret, &cfg.auth.prefix, &cfg.auth.environments)
+                    .is_none()
+                {
+                    return Err(GatewayError::TooManyFailures {
+                        retry_after_seconds: retry,
+                    });
                 }
             }
-            Verifier { index: &self.keys, hasher: &self.hasher, auth: &cfg.auth }.identify(cred.secret, unix_now())
+            Verifier {
+                index: &self.keys,
+                hasher: &self.hasher,
+                auth: &cfg.auth,
+            }
+            .identify(cred.secret, unix_now())
         });
         let key = match identified {
             Ok(k) => k,
             Err(e) if counts_as_failed_auth(&e) => {
                 if let Some(retry) = self.failed_auth.record_failure(ip).or(blocked) {
-                    return Err(GatewayError::TooManyFailures { retry_after_seconds: retry });
+                    return Err(GatewayError::TooManyFailures {
+                        retry_after_seconds: retry,
+                    });
                 }
                 return Err(e);
             }
@@ -270,21 +362,45 @@ impl Gateway {
         };
         out.key = Some(key.clone());
         authorize(&key, m.deployment, m.route, method)?;
-        let decision = self.limits.check(&key.id, cfg.limit_for(key.role, key.rate_limit.as_ref()));
+        let decision = self
+            .limits
+            .check(&key.id, cfg.limit_for(key.role, key.rate_limit.as_ref()));
         out.rate = Some(decision);
-        if let Decision::Denied { limit, retry_after, window, .. } = decision {
-            return Err(GatewayError::RateLimited { limit, window_seconds: window, retry_after_seconds: retry_after });
+        if let Decision::Denied {
+            limit,
+            retry_after,
+            window,
+            ..
+        } = decision
+        {
+            return Err(GatewayError::RateLimited {
+                limit,
+                window_seconds: window,
+                retry_after_seconds: retry_after,
+            });
         }
         out.authorized = true;
         Ok(key)
     }
 
-    async fn forward(&self, rt: &Runtime, req: Request<Incoming>, conn: &ConnInfo, m: &RouteMatch<'_>, key: &LiveKey) -> Result<Response<Body>, GatewayError> {
+    async fn forward(
+        &self,
+        rt: &Runtime,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        m: &RouteMatch<'_>,
+        key: &LiveKey,
+    ) -> Result<Response<Body>, GatewayError> {
         let cfg = &rt.config;
         let d = m.deployment;
         let upgrade = proxy::is_upgrade_request(&req);
         let (mut parts, incoming) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let headers = &mut parts.headers;
         proxy::strip_keygate_headers(headers);
         proxy::strip_credential(headers, &cfg.auth);
@@ -293,7 +409,11 @@ impl Gateway {
         proxy::set_identity_headers(headers, key, d);
         headers.remove(header::HOST);
 
-        let path = if d.strip_prefix { router::strip_segment_prefix(parts.uri.path(), &d.path_prefix) } else { parts.uri.path() };
+        let path = if d.strip_prefix {
+            router::strip_segment_prefix(parts.uri.path(), &d.path_prefix)
+        } else {
+            parts.uri.path()
+        };
         let stripped_query;
         let query = match (&cfg.auth.query_param, parts.uri.query()) {
             (Some(name), Some(q)) if !cfg.auth.forward_key => {
@@ -302,8 +422,18 @@ impl Gateway {
             }
             (_, q) => q,
         };
-        match (&d.upstream, rt.deployments.get(m.index).and_then(|r| r.client.as_ref())) {
-            (Upstream::Http { scheme, authority, base_path }, Some(client)) => {
+        match (
+            &d.upstream,
+            rt.deployments.get(m.index).and_then(|r| r.client.as_ref()),
+        ) {
+            (
+                Upstream::Http {
+                    scheme,
+                    authority,
+                    base_path,
+                },
+                Some(client),
+            ) => {
                 parts.uri = proxy::upstream_uri(scheme, authority, base_path, path, query)?;
                 proxy::forward(client, Request::from_parts(parts, incoming), d.timeout).await
             }
@@ -313,7 +443,9 @@ impl Gateway {
                     Some(q) => format!("{path}?{q}"),
                     None => path.to_string(),
                 };
-                parts.uri = pq.parse().map_err(|_| GatewayError::invalid("path", "bad path"))?;
+                parts.uri = pq
+                    .parse()
+                    .map_err(|_| GatewayError::invalid("path", "bad path"))?;
                 Ok(crate::echo::respond(Request::from_parts(parts, incoming)).await)
             }
         }
@@ -322,16 +454,33 @@ impl Gateway {
     /// The forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`, Envoy
     /// `ext_authz`): the same checks on the original request described by headers, no
     /// forwarding; 200 with the identity headers, or the error.
-    fn forward_auth(&self, rt: &Runtime, req: &Request<Incoming>, own_path: &str, ip: IpAddr, out: &mut Outcome) -> Result<Response<Body>, GatewayError> {
+    fn forward_auth(
+        &self,
+        rt: &Runtime,
+        req: &Request<Incoming>,
+        own_path: &str,
+        ip: IpAddr,
+        out: &mut Outcome,
+    ) -> Result<Response<Body>, GatewayError> {
         let cfg = &rt.config;
         let h = req.headers();
-        let method = match header_str(h, "x-forwarded-method").or_else(|| header_str(h, "x-original-method")) {
-            Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| GatewayError::invalid("x-forwarded-method", "bad method"))?,
+        let method = match header_str(h, "x-forwarded-method")
+            .or_else(|| header_str(h, "x-original-method"))
+        {
+            Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| GatewayError::invalid("x-forwarded-method", "bad method"))?,
             None => req.method().clone(),
         };
         // Envoy appends the original path to the auth service's path prefix.
-        let envoy_path = req.uri().path().get(own_path.len()..).filter(|p| p.starts_with('/'));
-        let original = header_str(h, "x-forwarded-uri").or_else(|| header_str(h, "x-original-uri")).or(envoy_path).unwrap_or("/");
+        let envoy_path = req
+            .uri()
+            .path()
+            .get(own_path.len()..)
+            .filter(|p| p.starts_with('/'));
+        let original = header_str(h, "x-forwarded-uri")
+            .or_else(|| header_str(h, "x-original-uri"))
+            .or(envoy_path)
+            .unwrap_or("/");
         let (path, query) = match original.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (original, envoy_path.and(req.uri().query())),

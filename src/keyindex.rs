@@ -41,7 +41,10 @@ pub struct LiveKey {
 /// Makes a header value from free text, dropping characters headers cannot carry.
 fn header_text(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| {
-        let cleaned: Vec<u8> = s.bytes().filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)).collect();
+        let cleaned: Vec<u8> = s
+            .bytes()
+            .filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+            .collect();
         HeaderValue::from_bytes(&cleaned).unwrap_or_else(|_| HeaderValue::from_static(""))
     })
 }
@@ -56,7 +59,10 @@ impl LiveKey {
             scopes: r.scopes.iter().map(|s| s.as_str().into()).collect(),
             deployments: (!all).then(|| r.deployments.iter().map(|d| d.as_str().into()).collect()),
             expires_at: r.expires_at.map(|t| t.timestamp()),
-            rate_limit: r.rate_limit.as_deref().map(|l| Limit::parse(l).ok().flatten()),
+            rate_limit: r
+                .rate_limit
+                .as_deref()
+                .map(|l| Limit::parse(l).ok().flatten()),
             hv_id: header_text(&r.id),
             hv_name: header_text(&r.name),
             hv_owner: header_text(&r.owner),
@@ -135,13 +141,27 @@ impl KeyIndex {
         if let Some(r) = current.filter(|r| r.revoked_at.is_none()) {
             let key = Arc::new(LiveKey::from_record(r));
             if let Some(d) = unhex(&r.digest) {
-                self.map.insert(d, IndexEntry { digest: d, key: key.clone(), valid_until: None });
+                self.map.insert(
+                    d,
+                    IndexEntry {
+                        digest: d,
+                        key: key.clone(),
+                        valid_until: None,
+                    },
+                );
                 kept.push(d);
             }
             for g in &r.grace {
                 if let Some(d) = unhex(&g.digest) {
                     let until = g.valid_until.timestamp();
-                    self.map.insert(d, IndexEntry { digest: d, key: key.clone(), valid_until: Some(until) });
+                    self.map.insert(
+                        d,
+                        IndexEntry {
+                            digest: d,
+                            key: key.clone(),
+                            valid_until: Some(until),
+                        },
+                    );
                     kept.push(d);
                 }
             }

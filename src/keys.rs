@@ -53,7 +53,8 @@ fn is_base62(b: u8) -> bool {
 
 /// Generates a new secret `{prefix}_{env}_{32 random}{6 checksum}`.
 pub fn generate_secret(prefix: &str, env: &str) -> Result<String, getrandom::Error> {
-    let mut s = String::with_capacity(prefix.len() + env.len() + 2 + SECRET_ENTROPY_CHARS + CHECKSUM_CHARS);
+    let mut s =
+        String::with_capacity(prefix.len() + env.len() + 2 + SECRET_ENTROPY_CHARS + CHECKSUM_CHARS);
     s.push_str(prefix);
     s.push('_');
     s.push_str(env);
@@ -74,17 +75,26 @@ pub fn generate_id() -> Result<String, getrandom::Error> {
 
 /// True when `id` has the shape of a key id.
 pub fn is_valid_id(id: &str) -> bool {
-    id.len() == 4 + ID_CHARS && id.starts_with("key_") && id.as_bytes()[4..].iter().all(|&b| is_base62(b))
+    id.len() == 4 + ID_CHARS
+        && id.starts_with("key_")
+        && id.as_bytes()[4..].iter().all(|&b| is_base62(b))
 }
 
 /// Checks a presented secret's shape, prefix, environment and checksum without any
 /// lookup. Returns the environment on success.
-pub fn check_secret_format<'a>(secret: &'a str, prefix: &str, environments: &[String]) -> Option<&'a str> {
+pub fn check_secret_format<'a>(
+    secret: &'a str,
+    prefix: &str,
+    environments: &[String],
+) -> Option<&'a str> {
     let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
     let bytes = secret.as_bytes();
     // Keys are ASCII; rejecting anything else first also keeps the byte-offset splits
     // below on character boundaries (a multi-byte character there would panic).
-    if !secret.is_ascii() || bytes.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
+    if !secret.is_ascii()
+        || bytes.len() < prefix.len() + 3 + body_len
+        || !secret.starts_with(prefix)
+    {
         return None;
     }
     let rest = &secret[prefix.len()..];
@@ -110,7 +120,9 @@ pub struct SecretHasher {
 impl std::fmt::Debug for SecretHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the pepper.
-        f.debug_struct("SecretHasher").field("peppered", &self.pepper.is_some()).finish()
+        f.debug_struct("SecretHasher")
+            .field("peppered", &self.pepper.is_some())
+            .finish()
     }
 }
 
@@ -178,7 +190,9 @@ impl std::str::FromStr for Role {
             "admin" => Ok(Role::Admin),
             "operator" => Ok(Role::Operator),
             "viewer" => Ok(Role::Viewer),
-            other => Err(format!("unknown role {other:?} (use admin, operator or viewer)")),
+            other => Err(format!(
+                "unknown role {other:?} (use admin, operator or viewer)"
+            )),
         }
     }
 }
@@ -316,9 +330,11 @@ pub fn parse_expiry(text: &str, now: DateTime<Utc>) -> Result<Option<DateTime<Ut
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(Some(t.with_timezone(&Utc)));
     }
-    let d = parse_duration(text)
-        .map_err(|_| format!("bad expiry {text:?}: use a duration such as 90d or 1y, an RFC 3339 time, or never"))?;
-    let d = chrono::Duration::from_std(d).map_err(|_| format!("bad expiry {text:?}: too far in the future"))?;
+    let d = parse_duration(text).map_err(|_| {
+        format!("bad expiry {text:?}: use a duration such as 90d or 1y, an RFC 3339 time, or never")
+    })?;
+    let d = chrono::Duration::from_std(d)
+        .map_err(|_| format!("bad expiry {text:?}: too far in the future"))?;
     now.checked_add_signed(d)
         .map(Some)
         .ok_or_else(|| format!("bad expiry {text:?}: too far in the future"))
@@ -350,7 +366,10 @@ mod tests {
     use super::*;
 
     fn envs() -> Vec<String> {
-        ["dev", "ci", "stg", "prod"].iter().map(|s| s.to_string()).collect()
+        ["dev", "ci", "stg", "prod"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
@@ -385,8 +404,14 @@ mod tests {
     fn non_ascii_secret_is_rejected_without_panicking() {
         let tail = "A".repeat(38);
         // The env/body split would fall inside the two-byte 'é'.
-        assert_eq!(check_secret_format(&format!("kg_aé{tail}"), "kg", &envs()), None);
-        assert_eq!(check_secret_format(&format!("kg_prod_{}é", "A".repeat(37)), "kg", &envs()), None);
+        assert_eq!(
+            check_secret_format(&format!("kg_aé{tail}"), "kg", &envs()),
+            None
+        );
+        assert_eq!(
+            check_secret_format(&format!("kg_prod_{}é", "A".repeat(37)), "kg", &envs()),
+            None
+        );
         assert_eq!(check_secret_format(&"é".repeat(30), "kg", &envs()), None);
     }
 
@@ -417,7 +442,10 @@ mod tests {
     fn expiry_forms() {
         let now = Utc::now();
         assert_eq!(parse_expiry("never", now).unwrap(), None);
-        assert_eq!(parse_expiry("1h", now).unwrap(), Some(now + chrono::Duration::hours(1)));
+        assert_eq!(
+            parse_expiry("1h", now).unwrap(),
+            Some(now + chrono::Duration::hours(1))
+        );
         assert!(parse_expiry("2030-01-01T00:00:00Z", now).unwrap().is_some());
         assert!(parse_expiry("soon", now).is_err());
     }

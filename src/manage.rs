@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keyindex::KeyIndex;
 use crate::keys::{
-    display_secret, generate_id, generate_secret, hex, parse_expiry, GraceSecret, KeyRecord, LastUsed, Role, SecretHasher, Status,
+    display_secret, generate_id, generate_secret, hex, parse_expiry, GraceSecret, KeyRecord,
+    LastUsed, Role, SecretHasher, Status,
 };
 use crate::store::{Store, StoreError};
 use crate::units::{parse_duration, Limit};
@@ -40,11 +41,17 @@ pub struct KeySpec {
     /// Expiry: duration, RFC 3339 or `never`.
     pub expires: Option<String>,
     /// `N/DURATION`, `none`; `null` (or `default`) clears it so the role/default applies.
-    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub rate_limit: Option<Option<String>>,
 }
 
-fn double_option<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<String>>, D::Error> {
+fn double_option<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
@@ -117,16 +124,30 @@ pub struct KeyManager {
     pub usage: Arc<dyn LastUsedSource>,
 }
 
-fn clean_text(field: &str, v: &str, max: usize, required: bool) -> std::result::Result<String, GatewayError> {
+fn clean_text(
+    field: &str,
+    v: &str,
+    max: usize,
+    required: bool,
+) -> std::result::Result<String, GatewayError> {
     let v = v.trim();
     if required && v.is_empty() {
-        return Err(GatewayError::invalid(field, format!("{field} must not be empty")));
+        return Err(GatewayError::invalid(
+            field,
+            format!("{field} must not be empty"),
+        ));
     }
     if v.chars().count() > max {
-        return Err(GatewayError::invalid(field, format!("{field} is longer than {max} characters")));
+        return Err(GatewayError::invalid(
+            field,
+            format!("{field} is longer than {max} characters"),
+        ));
     }
     if v.chars().any(char::is_control) {
-        return Err(GatewayError::invalid(field, format!("{field} must not contain control characters")));
+        return Err(GatewayError::invalid(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
     }
     Ok(v.to_string())
 }
@@ -139,7 +160,10 @@ fn clean_list(field: &str, items: &[String]) -> std::result::Result<Vec<String>,
             continue;
         }
         if item.len() > 200 || item.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(GatewayError::invalid(field, format!("bad entry {item:?} in {field}")));
+            return Err(GatewayError::invalid(
+                field,
+                format!("bad entry {item:?} in {field}"),
+            ));
         }
         if !out.iter().any(|o| o == item) {
             out.push(item.to_string());
@@ -163,7 +187,10 @@ fn normalize_limit(text: &str) -> std::result::Result<Option<String>, GatewayErr
 fn check_deployments(cfg: &Config, list: &[String]) -> std::result::Result<(), GatewayError> {
     for d in list {
         if d != "*" && !cfg.deployments.iter().any(|c| &c.name == d) {
-            return Err(GatewayError::invalid("deployments", format!("unknown deployment {d:?} (not in {})", cfg.source.display())));
+            return Err(GatewayError::invalid(
+                "deployments",
+                format!("unknown deployment {d:?} (not in {})", cfg.source.display()),
+            ));
         }
     }
     Ok(())
@@ -172,7 +199,12 @@ fn check_deployments(cfg: &Config, list: &[String]) -> std::result::Result<(), G
 impl KeyManager {
     /// A manager over `store`, updating `index` when given.
     pub fn new(store: Arc<Store>, index: Option<Arc<KeyIndex>>, hasher: SecretHasher) -> Self {
-        KeyManager { store, index, hasher, usage: Arc::new(NoUsage) }
+        KeyManager {
+            store,
+            index,
+            hasher,
+            usage: Arc::new(NoUsage),
+        }
     }
 
     /// The JSON form of a record.
@@ -181,10 +213,17 @@ impl KeyManager {
     }
 
     fn load(&self, id: &str) -> Result<KeyRecord> {
-        self.store.get_key(id)?.ok_or(ManageError::Request(GatewayError::KeyNotFound))
+        self.store
+            .get_key(id)?
+            .ok_or(ManageError::Request(GatewayError::KeyNotFound))
     }
 
-    fn commit(&self, record: &KeyRecord, previous: Option<&KeyRecord>, ev: &crate::audit::AuditEvent) -> Result<()> {
+    fn commit(
+        &self,
+        record: &KeyRecord,
+        previous: Option<&KeyRecord>,
+        ev: &crate::audit::AuditEvent,
+    ) -> Result<()> {
         self.store.put_key(record, previous, Some(ev))?;
         if let Some(index) = &self.index {
             index.apply(previous, Some(record));
@@ -203,7 +242,14 @@ impl KeyManager {
         let env = match &spec.env {
             Some(e) if cfg.auth.environments.iter().any(|c| c == e) => e.clone(),
             Some(e) => {
-                return Err(GatewayError::invalid("env", format!("unknown environment {e:?} (configured: {})", cfg.auth.environments.join(", "))).into())
+                return Err(GatewayError::invalid(
+                    "env",
+                    format!(
+                        "unknown environment {e:?} (configured: {})",
+                        cfg.auth.environments.join(", ")
+                    ),
+                )
+                .into())
             }
             None => cfg
                 .auth
@@ -218,7 +264,11 @@ impl KeyManager {
             Some(d) => clean_list("deployments", d)?,
         };
         if deployments.is_empty() {
-            return Err(GatewayError::invalid("deployments", "deployments must name at least one deployment, or \"*\"").into());
+            return Err(GatewayError::invalid(
+                "deployments",
+                "deployments must name at least one deployment, or \"*\"",
+            )
+            .into());
         }
         check_deployments(cfg, &deployments)?;
         let expires_at = self.expiry(spec.expires.as_deref(), now)?;
@@ -226,7 +276,12 @@ impl KeyManager {
         let record = KeyRecord {
             id: generate_id().map_err(|_| GatewayError::Internal)?,
             name,
-            description: clean_text("description", spec.description.as_deref().unwrap_or(""), 2000, false)?,
+            description: clean_text(
+                "description",
+                spec.description.as_deref().unwrap_or(""),
+                2000,
+                false,
+            )?,
             owner: clean_text("owner", spec.owner.as_deref().unwrap_or(""), 200, false)?,
             role,
             scopes: clean_list("scopes", spec.scopes.as_deref().unwrap_or(&[]))?,
@@ -266,7 +321,11 @@ impl KeyManager {
             "expired" => Some(Status::Expired),
             "revoked" => Some(Status::Revoked),
             other => {
-                return Err(GatewayError::invalid("status", format!("unknown status {other:?} (use active, expired, revoked or all)")).into())
+                return Err(GatewayError::invalid(
+                    "status",
+                    format!("unknown status {other:?} (use active, expired, revoked or all)"),
+                )
+                .into())
             }
         };
         let q = filter.q.as_deref().map(str::to_lowercase);
@@ -276,9 +335,16 @@ impl KeyManager {
             .into_iter()
             .filter(|k| wanted.is_none_or(|s| k.status(now) == s))
             .filter(|k| filter.owner.as_deref().is_none_or(|o| k.owner == o))
-            .filter(|k| q.as_deref().is_none_or(|q| k.name.to_lowercase().contains(q)))
+            .filter(|k| {
+                q.as_deref()
+                    .is_none_or(|q| k.name.to_lowercase().contains(q))
+            })
             .collect();
-        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        keys.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
         Ok(json!({"keys": keys.iter().map(|k| self.key_json(k)).collect::<Vec<_>>()}))
     }
 
@@ -292,7 +358,11 @@ impl KeyManager {
     pub fn update(&self, cfg: &Config, id: &str, spec: &KeySpec, actor: &Actor) -> Result<Value> {
         let prev = self.load(id)?;
         if spec.env.is_some() {
-            return Err(GatewayError::invalid("env", "the environment is part of the secret and cannot change; create a new key").into());
+            return Err(GatewayError::invalid(
+                "env",
+                "the environment is part of the secret and cannot change; create a new key",
+            )
+            .into());
         }
         let mut r = prev.clone();
         let now = Utc::now();
@@ -330,7 +400,11 @@ impl KeyManager {
         if let Some(v) = &spec.deployments {
             let v = clean_list("deployments", v)?;
             if v.is_empty() {
-                return Err(GatewayError::invalid("deployments", "deployments must name at least one deployment, or \"*\"").into());
+                return Err(GatewayError::invalid(
+                    "deployments",
+                    "deployments must name at least one deployment, or \"*\"",
+                )
+                .into());
             }
             check_deployments(cfg, &v)?;
             set("deployments", v != r.deployments);
@@ -350,7 +424,11 @@ impl KeyManager {
             r.rate_limit = v;
         }
         if r.revoked_at.is_some() && !changes.is_empty() {
-            return Err(GatewayError::invalid("id", "the key is revoked; a revoked key cannot be changed").into());
+            return Err(GatewayError::invalid(
+                "id",
+                "the key is revoked; a revoked key cannot be changed",
+            )
+            .into());
         }
         if !changes.is_empty() {
             let ev = actor.event("key.updated", Some(&r.id), Some(&r.name), changes);
@@ -361,10 +439,20 @@ impl KeyManager {
 
     /// Issues a new secret; the old one stops at once or after `grace`. Answers
     /// `{"key": …, "secret": …}`.
-    pub fn rotate(&self, cfg: &Config, id: &str, grace: Option<&str>, actor: &Actor) -> Result<Value> {
+    pub fn rotate(
+        &self,
+        cfg: &Config,
+        id: &str,
+        grace: Option<&str>,
+        actor: &Actor,
+    ) -> Result<Value> {
         let prev = self.load(id)?;
         if prev.revoked_at.is_some() {
-            return Err(GatewayError::invalid("id", "the key is revoked; a revoked key cannot be rotated").into());
+            return Err(GatewayError::invalid(
+                "id",
+                "the key is revoked; a revoked key cannot be rotated",
+            )
+            .into());
         }
         let now = Utc::now();
         let grace = match grace.map(str::trim).filter(|g| !g.is_empty()) {
@@ -374,14 +462,25 @@ impl KeyManager {
         let mut r = prev.clone();
         r.grace.retain(|g| g.valid_until > now);
         if let Some(g) = grace.filter(|g| !g.is_zero()) {
-            let g = chrono::Duration::from_std(g).map_err(|_| GatewayError::invalid("grace", "grace is too long"))?;
-            let until = now.checked_add_signed(g).ok_or_else(|| GatewayError::invalid("grace", "grace is too long"))?;
-            r.grace.push(GraceSecret { digest: r.digest.clone(), valid_until: until });
+            let g = chrono::Duration::from_std(g)
+                .map_err(|_| GatewayError::invalid("grace", "grace is too long"))?;
+            let until = now
+                .checked_add_signed(g)
+                .ok_or_else(|| GatewayError::invalid("grace", "grace is too long"))?;
+            r.grace.push(GraceSecret {
+                digest: r.digest.clone(),
+                valid_until: until,
+            });
         }
-        let secret = generate_secret(&cfg.auth.prefix, &r.env).map_err(|_| GatewayError::Internal)?;
+        let secret =
+            generate_secret(&cfg.auth.prefix, &r.env).map_err(|_| GatewayError::Internal)?;
         r.digest = hex(&self.hasher.digest(&secret));
         r.display = display_secret(&secret, &cfg.auth.prefix, &r.env);
-        let changes = if grace.is_some_and(|g| !g.is_zero()) { vec!["secret".to_string(), "grace".to_string()] } else { vec!["secret".to_string()] };
+        let changes = if grace.is_some_and(|g| !g.is_zero()) {
+            vec!["secret".to_string(), "grace".to_string()]
+        } else {
+            vec!["secret".to_string()]
+        };
         let ev = actor.event("key.rotated", Some(&r.id), Some(&r.name), changes);
         self.commit(&r, Some(&prev), &ev)?;
         Ok(json!({"key": self.key_json(&r), "secret": secret}))
@@ -430,7 +529,11 @@ impl KeyManager {
                 &offline
             }
         };
-        let verifier = Verifier { index, hasher: &self.hasher, auth: &cfg.auth };
+        let verifier = Verifier {
+            index,
+            hasher: &self.hasher,
+            auth: &cfg.auth,
+        };
         let method = match &req.method {
             None => http::Method::GET,
             Some(m) => http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
@@ -451,10 +554,13 @@ impl KeyManager {
                     .deployments
                     .iter()
                     .find(|d| &d.name == name)
-                    .ok_or_else(|| GatewayError::invalid("deployment", format!("unknown deployment {name:?}")))?;
+                    .ok_or_else(|| {
+                        GatewayError::invalid("deployment", format!("unknown deployment {name:?}"))
+                    })?;
                 let rest = crate::router::strip_segment_prefix(path, &d.path_prefix);
                 let route = d.routes.iter().find(|r| {
-                    (r.methods.is_empty() || r.methods.contains(&method)) && crate::router::segment_prefix(rest, &r.path)
+                    (r.methods.is_empty() || r.methods.contains(&method))
+                        && crate::router::segment_prefix(rest, &r.path)
                 });
                 authorize(&key, d, route, &method)
             }
@@ -465,7 +571,10 @@ impl KeyManager {
             None => crate::auth::authorize_method(&key, &method),
         };
         let outcome = outcome.and_then(|()| match &req.scope {
-            Some(s) if !key.has_scope(s) => Err(GatewayError::InsufficientScope { required: s.clone(), granted: key.scope_list() }),
+            Some(s) if !key.has_scope(s) => Err(GatewayError::InsufficientScope {
+                required: s.clone(),
+                granted: key.scope_list(),
+            }),
             _ => Ok(()),
         });
         Ok(self.verify_answer(&req.key, outcome.err()))

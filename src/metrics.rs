@@ -9,7 +9,9 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 /// Upper bounds (seconds) of the upstream latency histogram.
-const BUCKETS: [f64; 11] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+const BUCKETS: [f64; 11] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
 /// Auth outcomes counted, by code.
 const AUTH_CODES: [&str; 9] = [
@@ -118,7 +120,8 @@ impl Metrics {
             }
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -126,41 +129,91 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
         out.push_str("# HELP keygate_requests_total Data-plane requests by deployment and status class.\n# TYPE keygate_requests_total counter\n");
-        let mut deps: Vec<(Arc<str>, Arc<DeploymentCounters>)> = self.deployments.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        let mut deps: Vec<(Arc<str>, Arc<DeploymentCounters>)> = self
+            .deployments
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
         deps.sort_by(|a, b| a.0.cmp(&b.0));
         let unrouted: (&str, &DeploymentCounters) = ("", &self.unrouted);
-        for (name, c) in deps.iter().map(|(n, c)| (&**n, &**c)).chain(std::iter::once(unrouted)) {
+        for (name, c) in deps
+            .iter()
+            .map(|(n, c)| (&**n, &**c))
+            .chain(std::iter::once(unrouted))
+        {
             for (i, class) in classes.iter().enumerate() {
-                let _ = writeln!(out, "keygate_requests_total{{deployment=\"{}\",status=\"{class}\"}} {}", escape(name), c.by_class[i].load(Ordering::Relaxed));
+                let _ = writeln!(
+                    out,
+                    "keygate_requests_total{{deployment=\"{}\",status=\"{class}\"}} {}",
+                    escape(name),
+                    c.by_class[i].load(Ordering::Relaxed)
+                );
             }
         }
         out.push_str("# HELP keygate_auth_total Authentication outcomes by result code.\n# TYPE keygate_auth_total counter\n");
         for (i, code) in AUTH_CODES.iter().enumerate() {
-            let _ = writeln!(out, "keygate_auth_total{{result=\"{code}\"}} {}", self.auth[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "keygate_auth_total{{result=\"{code}\"}} {}",
+                self.auth[i].load(Ordering::Relaxed)
+            );
         }
         out.push_str("# HELP keygate_rate_limited_total Requests refused by a key's rate limit.\n# TYPE keygate_rate_limited_total counter\n");
-        let _ = writeln!(out, "keygate_rate_limited_total {}", self.rate_limited.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "keygate_rate_limited_total {}",
+            self.rate_limited.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP keygate_upstream_latency_seconds Time from forwarding to the upstream's response headers.\n# TYPE keygate_upstream_latency_seconds histogram\n");
         for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "keygate_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {}", self.latency_buckets[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "keygate_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "keygate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "keygate_upstream_latency_seconds_sum {}", self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "keygate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "keygate_upstream_latency_seconds_sum {}",
+            self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "keygate_upstream_latency_seconds_count {count}");
         out.push_str("# HELP keygate_keys_loaded Secret digests in the live key index.\n# TYPE keygate_keys_loaded gauge\n");
         let _ = writeln!(out, "keygate_keys_loaded {}", gauges.keys_loaded);
         out.push_str("# HELP keygate_usage_pending_requests Counted requests not yet flushed to the store.\n# TYPE keygate_usage_pending_requests gauge\n");
-        let _ = writeln!(out, "keygate_usage_pending_requests {}", gauges.usage_pending);
+        let _ = writeln!(
+            out,
+            "keygate_usage_pending_requests {}",
+            gauges.usage_pending
+        );
         out.push_str("# HELP keygate_usage_flush_seconds Duration of the last usage flush.\n# TYPE keygate_usage_flush_seconds gauge\n");
-        let _ = writeln!(out, "keygate_usage_flush_seconds {}", gauges.usage_flush_seconds);
+        let _ = writeln!(
+            out,
+            "keygate_usage_flush_seconds {}",
+            gauges.usage_flush_seconds
+        );
         out.push_str("# HELP keygate_config_reloads_total Configuration reloads by result.\n# TYPE keygate_config_reloads_total counter\n");
-        let _ = writeln!(out, "keygate_config_reloads_total{{result=\"ok\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
-        let _ = writeln!(out, "keygate_config_reloads_total{{result=\"failed\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "keygate_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "keygate_config_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
         out
     }
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_rustls::HttpsConnector;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
@@ -35,11 +35,15 @@ struct Progress {
 
 impl Progress {
     fn new() -> Self {
-        Progress { epoch: Instant::now(), last_us: AtomicU64::new(0) }
+        Progress {
+            epoch: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
-        self.last_us.store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.last_us
+            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
     /// `timeout` after the body last moved (or after the start, for a body never polled).
@@ -60,7 +64,10 @@ impl http_body::Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let res = Pin::new(&mut self.inner).poll_frame(cx);
         if res.is_ready() {
             self.progress.touch();
@@ -153,7 +160,11 @@ pub fn strip_keygate_headers(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| k.as_str().starts_with("x-keygate-")) {
         return;
     }
-    let names: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("x-keygate-")).cloned().collect();
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-keygate-"))
+        .cloned()
+        .collect();
     for n in names {
         headers.remove(&n);
     }
@@ -212,12 +223,21 @@ pub struct ConnInfo {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` following the `trusted_proxies` rules.
-pub fn set_forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>, trusted: &[IpNet]) {
+pub fn set_forwarded_headers(
+    headers: &mut HeaderMap,
+    conn: &ConnInfo,
+    host: Option<&HeaderValue>,
+    trusted: &[IpNet],
+) {
     let peer = canonical(conn.peer.ip());
     let from_trusted = is_trusted(peer, trusted);
     let peer_text = peer.to_string();
     let xff = if from_trusted {
-        let existing: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let existing: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if existing.is_empty() {
             peer_text
         } else {
@@ -265,7 +285,12 @@ pub fn strip_credential(headers: &mut HeaderMap, auth: &AuthConfig) {
         // Only our Bearer credential goes; another scheme (Basic…) is the upstream's business.
         // Every Authorization field is looked at: the Bearer one need not be the first.
         let all = headers.get_all(header::AUTHORIZATION).iter().count();
-        let kept: Vec<HeaderValue> = headers.get_all(header::AUTHORIZATION).iter().filter(|v| !is_bearer(v)).cloned().collect();
+        let kept: Vec<HeaderValue> = headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .filter(|v| !is_bearer(v))
+            .cloned()
+            .collect();
         if kept.len() != all {
             headers.remove(header::AUTHORIZATION);
             for v in kept {
@@ -301,7 +326,8 @@ pub fn upstream_uri(
     path: &str,
     query: Option<&str>,
 ) -> Result<Uri, GatewayError> {
-    let mut pq = String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    let mut pq =
+        String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base_path);
     pq.push_str(path);
     if let Some(q) = query {
@@ -333,12 +359,19 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
 /// response headers, counted from when the request body last moved (so a long upload that
 /// keeps moving is not cut, and a stalled one is). Upgrade requests are spliced to the
 /// upstream's upgraded connection.
-pub async fn forward(client: &UpstreamClient, mut req: Request<Incoming>, timeout: Duration) -> Result<Response<Body>, GatewayError> {
+pub async fn forward(
+    client: &UpstreamClient,
+    mut req: Request<Incoming>,
+    timeout: Duration,
+) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
     let progress = Arc::new(Progress::new());
-    let req = req.map(|inner| UpstreamBody { inner, progress: progress.clone() });
+    let req = req.map(|inner| UpstreamBody {
+        inner,
+        progress: progress.clone(),
+    });
     let answer = client.request(req);
     tokio::pin!(answer);
     let answer = loop {
@@ -355,7 +388,11 @@ pub async fn forward(client: &UpstreamClient, mut req: Request<Incoming>, timeou
     let resp = match answer {
         Err(e) => {
             tracing::debug!(error = %e, "upstream request failed");
-            return Err(if is_timeout(&e) { GatewayError::UpstreamTimeout } else { GatewayError::UpstreamUnavailable });
+            return Err(if is_timeout(&e) {
+                GatewayError::UpstreamTimeout
+            } else {
+                GatewayError::UpstreamUnavailable
+            });
         }
         Ok(resp) => resp,
     };
@@ -368,7 +405,9 @@ pub async fn forward(client: &UpstreamClient, mut req: Request<Incoming>, timeou
                 Ok((client_io, upstream_io)) => {
                     let mut client_io = TokioIo::new(client_io);
                     let mut upstream_io = TokioIo::new(upstream_io);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
+                    if let Err(e) =
+                        tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await
+                    {
                         tracing::debug!(error = %e, "upgraded connection ended");
                     }
                 }
@@ -386,13 +425,19 @@ mod tests {
     use super::*;
 
     fn trusted() -> Vec<IpNet> {
-        vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]
+        vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ]
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -405,17 +450,25 @@ mod tests {
     #[test]
     fn client_ip_from_trusted_chain() {
         let mut h = HeaderMap::new();
-        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4, 5.6.7.8, 10.0.0.2"));
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 5.6.7.8, 10.0.0.2"),
+        );
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(client_ip(peer, &h, &trusted()).to_string(), "5.6.7.8");
         let untrusted: IpAddr = "9.9.9.9".parse().unwrap();
         assert_eq!(client_ip(untrusted, &h, &trusted()).to_string(), "9.9.9.9");
-        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted()).to_string(), "127.0.0.1");
+        assert_eq!(
+            client_ip(peer, &HeaderMap::new(), &trusted()).to_string(),
+            "127.0.0.1"
+        );
     }
 
     #[test]
     fn only_bearer_authorization_fields_are_removed() {
-        let auth = crate::config::Config::parse(std::path::Path::new("t.toml"), "").unwrap().auth;
+        let auth = crate::config::Config::parse(std::path::Path::new("t.toml"), "")
+            .unwrap()
+            .auth;
         for order in [["Basic Zm9v", "Bearer k"], ["bearer k", "Basic Zm9v"]] {
             let mut h = HeaderMap::new();
             for v in order {
@@ -429,7 +482,10 @@ mod tests {
 
     #[test]
     fn query_param_removed() {
-        assert_eq!(strip_query_param("a=1&api_key=x&b=2", "api_key").as_deref(), Some("a=1&b=2"));
+        assert_eq!(
+            strip_query_param("a=1&api_key=x&b=2", "api_key").as_deref(),
+            Some("a=1&b=2")
+        );
         assert_eq!(strip_query_param("api_key=x", "api_key"), None);
     }
 }

@@ -83,8 +83,15 @@ impl KeyLimits {
                 return s.clone();
             }
         }
-        let fresh = Arc::new(Slot { limit, limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone()).with_middleware() });
-        let mut entry = self.slots.entry(key.clone()).or_insert_with(|| fresh.clone());
+        let fresh = Arc::new(Slot {
+            limit,
+            limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone())
+                .with_middleware(),
+        });
+        let mut entry = self
+            .slots
+            .entry(key.clone())
+            .or_insert_with(|| fresh.clone());
         if entry.limit != limit {
             *entry = fresh;
         }
@@ -93,7 +100,9 @@ impl KeyLimits {
 
     /// Counts one request of `key` against `limit`.
     pub fn check(&self, key: &Arc<str>, limit: Option<Limit>) -> Decision {
-        let Some(limit) = limit else { return Decision::Unlimited };
+        let Some(limit) = limit else {
+            return Decision::Unlimited;
+        };
         let slot = self.slot(key, limit);
         let per_cell = limit.period / limit.requests.max(1);
         let window = ceil_secs(limit.period);
@@ -101,7 +110,12 @@ impl KeyLimits {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let used = limit.requests.saturating_sub(remaining);
-                Decision::Allowed { limit: limit.requests, remaining, reset: ceil_secs(per_cell * used), window }
+                Decision::Allowed {
+                    limit: limit.requests,
+                    remaining,
+                    reset: ceil_secs(per_cell * used),
+                    window,
+                }
             }
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -159,7 +173,12 @@ impl FailedAuth {
             _ => false,
         };
         if !same {
-            self.current.store(limit.map(|l| Arc::new(FailLimiter { limit: l, limiter: RateLimiter::dashmap_with_clock(quota(l), self.clock.clone()) })));
+            self.current.store(limit.map(|l| {
+                Arc::new(FailLimiter {
+                    limit: l,
+                    limiter: RateLimiter::dashmap_with_clock(quota(l), self.clock.clone()),
+                })
+            }));
             self.blocked_until.clear();
         }
     }
@@ -187,7 +206,8 @@ impl FailedAuth {
             Ok(_) => None,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
-                self.blocked_until.insert(ip, std::time::Instant::now() + wait);
+                self.blocked_until
+                    .insert(ip, std::time::Instant::now() + wait);
                 Some(ceil_secs(wait).max(1))
             }
         }
@@ -215,16 +235,28 @@ mod tests {
         let limit = Limit::parse("5/1m").unwrap();
         for i in 0..5 {
             match limits.check(&key, limit) {
-                Decision::Allowed { remaining, limit: 5, .. } => assert_eq!(remaining, 4 - i),
+                Decision::Allowed {
+                    remaining,
+                    limit: 5,
+                    ..
+                } => assert_eq!(remaining, 4 - i),
                 other => panic!("request {i}: {other:?}"),
             }
         }
         match limits.check(&key, limit) {
-            Decision::Denied { retry_after, limit: 5, window: 60, .. } => assert!((1..=12).contains(&retry_after), "{retry_after}"),
+            Decision::Denied {
+                retry_after,
+                limit: 5,
+                window: 60,
+                ..
+            } => assert!((1..=12).contains(&retry_after), "{retry_after}"),
             other => panic!("{other:?}"),
         }
         // A changed limit starts afresh.
-        assert!(matches!(limits.check(&key, Limit::parse("6/1m").unwrap()), Decision::Allowed { remaining: 5, .. }));
+        assert!(matches!(
+            limits.check(&key, Limit::parse("6/1m").unwrap()),
+            Decision::Allowed { remaining: 5, .. }
+        ));
         assert_eq!(limits.check(&key, None), Decision::Unlimited);
     }
 

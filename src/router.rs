@@ -48,9 +48,11 @@ pub fn strip_segment_prefix<'p>(path: &'p str, prefix: &str) -> &'p str {
 
 fn host_matches(patterns: &[String], host: &str) -> bool {
     patterns.iter().any(|p| match p.strip_prefix("*.") {
-        Some(suffix) => host.len() > suffix.len() + 1
-            && host.ends_with(suffix)
-            && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
         None => p.eq_ignore_ascii_case(host),
     })
 }
@@ -71,7 +73,12 @@ pub fn host_without_port(host: &str) -> &str {
 
 /// Routes a request. Deployments that name the host win over catch-all ones; among those,
 /// the longest path prefix wins.
-pub fn route<'a>(cfg: &'a Config, host: Option<&str>, path: &str, method: &Method) -> Option<RouteMatch<'a>> {
+pub fn route<'a>(
+    cfg: &'a Config,
+    host: Option<&str>,
+    path: &str,
+    method: &Method,
+) -> Option<RouteMatch<'a>> {
     let host = host.map(host_without_port);
     let mut best: Option<(bool, usize, usize)> = None;
     for (i, d) in cfg.deployments.iter().enumerate() {
@@ -90,12 +97,16 @@ pub fn route<'a>(cfg: &'a Config, host: Option<&str>, path: &str, method: &Metho
     let (_, _, index) = best?;
     let deployment = &cfg.deployments[index];
     let rest = strip_segment_prefix(path, &deployment.path_prefix);
-    let route_index = deployment
-        .routes
-        .iter()
-        .position(|r| (r.methods.is_empty() || r.methods.contains(method)) && segment_prefix(rest, &r.path));
+    let route_index = deployment.routes.iter().position(|r| {
+        (r.methods.is_empty() || r.methods.contains(method)) && segment_prefix(rest, &r.path)
+    });
     let route = route_index.map(|i| &deployment.routes[i]);
-    Some(RouteMatch { index, deployment, route, route_index })
+    Some(RouteMatch {
+        index,
+        deployment,
+        route,
+        route_index,
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +150,13 @@ hosts = ["api.example.com", "*.corp.example"]
         assert_eq!(m.route.unwrap().name, "create");
         let m = route(&c, None, "/my-app/scenariosX", &Method::POST).unwrap();
         assert_eq!(m.route.unwrap().name, "any");
-        assert_eq!(route(&c, None, "/my-appx", &Method::GET).unwrap().deployment.name, "root");
+        assert_eq!(
+            route(&c, None, "/my-appx", &Method::GET)
+                .unwrap()
+                .deployment
+                .name,
+            "root"
+        );
         let m = route(&c, None, "/my-app/scenarios", &Method::GET).unwrap();
         assert_eq!(m.operation(&Method::GET), "any");
     }
@@ -147,15 +164,43 @@ hosts = ["api.example.com", "*.corp.example"]
     #[test]
     fn hosts_win_over_catch_all() {
         let c = cfg();
-        assert_eq!(route(&c, Some("api.example.com:8080"), "/x", &Method::GET).unwrap().deployment.name, "api-host");
-        assert_eq!(route(&c, Some("a.corp.example"), "/x", &Method::GET).unwrap().deployment.name, "api-host");
-        assert_eq!(route(&c, Some("corp.example"), "/x", &Method::GET).unwrap().deployment.name, "root");
-        assert_eq!(route(&c, Some("other"), "/x", &Method::GET).unwrap().deployment.name, "root");
+        assert_eq!(
+            route(&c, Some("api.example.com:8080"), "/x", &Method::GET)
+                .unwrap()
+                .deployment
+                .name,
+            "api-host"
+        );
+        assert_eq!(
+            route(&c, Some("a.corp.example"), "/x", &Method::GET)
+                .unwrap()
+                .deployment
+                .name,
+            "api-host"
+        );
+        assert_eq!(
+            route(&c, Some("corp.example"), "/x", &Method::GET)
+                .unwrap()
+                .deployment
+                .name,
+            "root"
+        );
+        assert_eq!(
+            route(&c, Some("other"), "/x", &Method::GET)
+                .unwrap()
+                .deployment
+                .name,
+            "root"
+        );
     }
 
     #[test]
     fn no_route_without_catch_all() {
-        let c = Config::parse(Path::new("t.toml"), "[[deployments]]\nname = \"a\"\nupstream = \"echo\"\npath_prefix = \"/a\"\n").unwrap();
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[[deployments]]\nname = \"a\"\nupstream = \"echo\"\npath_prefix = \"/a\"\n",
+        )
+        .unwrap();
         assert!(route(&c, None, "/b", &Method::GET).is_none());
         assert_eq!(host_without_port("[::1]:80"), "::1");
     }

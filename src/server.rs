@@ -29,13 +29,13 @@ use crate::gateway::Gateway;
 use crate::keyindex::KeyIndex;
 use crate::keys::SecretHasher;
 use crate::manage::{KeyManager, KeySpec};
-use crate::usage::Usage;
 use crate::proxy::ConnInfo;
-use crate::reload::{self, Reloader};
-use crate::tls::{self, load_certified_key, CertResolver};
 use crate::proxyproto::{self, Prefixed};
-use tokio_rustls::TlsAcceptor;
+use crate::reload::{self, Reloader};
 use crate::store::Store;
+use crate::tls::{self, load_certified_key, CertResolver};
+use crate::usage::Usage;
+use tokio_rustls::TlsAcceptor;
 
 /// Per-connection timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -51,20 +51,32 @@ pub struct ConnSettings {
 /// Something that answers requests on a listener.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
-    fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> impl Future<Output = Response<Body>> + Send;
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
     /// Timeouts for a new connection.
     fn conn_settings(&self) -> ConnSettings;
 }
 
 impl Handler for Gateway {
-    fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> impl Future<Output = Response<Body>> + Send {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send {
         Gateway::handle(self, req, conn)
     }
 
     fn conn_settings(&self) -> ConnSettings {
         let rt = self.runtime.load();
         let server = &rt.config.server;
-        ConnSettings { header_read_timeout: server.header_read_timeout, idle_timeout: server.idle_timeout, proxy_protocol: server.proxy_protocol }
+        ConnSettings {
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            proxy_protocol: server.proxy_protocol,
+        }
     }
 }
 
@@ -107,7 +119,8 @@ impl Activity {
     /// Bytes arrived: on an idle HTTP/1 connection they start the next request's headers.
     fn on_read(&self, first_bytes: &[u8]) {
         self.touch();
-        if !self.read_any.swap(true, Ordering::Relaxed) && first_bytes.starts_with(b"PRI * HTTP/2") {
+        if !self.read_any.swap(true, Ordering::Relaxed) && first_bytes.starts_with(b"PRI * HTTP/2")
+        {
             // HTTP/2 sends pings and settings between requests; it has no header phase to time.
             self.http2.store(true, Ordering::Relaxed);
             self.headers_since_ms.store(NOT_WAITING, Ordering::Relaxed);
@@ -117,7 +130,8 @@ impl Activity {
             && self.in_flight.load(Ordering::Relaxed) == 0
             && self.headers_since_ms.load(Ordering::Relaxed) == NOT_WAITING
         {
-            self.headers_since_ms.store(self.now_ms(), Ordering::Relaxed);
+            self.headers_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -135,7 +149,9 @@ impl Activity {
     /// When the awaited request headers are overdue, if headers are awaited.
     fn header_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
         let since = self.headers_since_ms.load(Ordering::Relaxed);
-        (since != NOT_WAITING).then(|| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(since) + timeout))
+        (since != NOT_WAITING).then(|| {
+            tokio::time::Instant::from_std(self.epoch + Duration::from_millis(since) + timeout)
+        })
     }
 }
 
@@ -146,7 +162,11 @@ struct ActivityStream<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ActivityStream<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -157,7 +177,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ActivityStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityStream<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -165,7 +189,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ActivityStream<S> {
         res
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -197,13 +225,21 @@ impl Drop for InFlight {
 }
 
 /// Serves one connection until it closes, the idle timeout fires, or shutdown drains it.
-async fn serve_connection<H, S>(stream: S, conn: ConnInfo, handler: Arc<H>, settings: ConnSettings, mut shutdown: watch::Receiver<bool>)
-where
+async fn serve_connection<H, S>(
+    stream: S,
+    conn: ConnInfo,
+    handler: Arc<H>,
+    settings: ConnSettings,
+    mut shutdown: watch::Receiver<bool>,
+) where
     H: Handler,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ActivityStream { inner: stream, activity: activity.clone() });
+    let io = TokioIo::new(ActivityStream {
+        inner: stream,
+        activity: activity.clone(),
+    });
     let svc_activity = activity.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
@@ -265,7 +301,13 @@ where
 
 /// Reads the PROXY header (when configured) and the TLS handshake (on a TLS listener),
 /// bounded by the header-read timeout, then serves HTTP.
-async fn accept_connection<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Arc<H>, tls: Option<TlsAcceptor>, shutdown: watch::Receiver<bool>) {
+async fn accept_connection<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    tls: Option<TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) {
     let settings = handler.conn_settings();
     let _ = stream.set_nodelay(true);
     let (stream, client) = if settings.proxy_protocol {
@@ -283,14 +325,22 @@ async fn accept_connection<H: Handler>(stream: TcpStream, peer: SocketAddr, hand
     } else {
         (Prefixed::new(stream), peer)
     };
-    let conn = ConnInfo { peer: client, tls: tls.is_some() };
+    let conn = ConnInfo {
+        peer: client,
+        tls: tls.is_some(),
+    };
     match tls {
         None => serve_connection(stream, conn, handler, settings, shutdown).await,
-        Some(acceptor) => match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => serve_connection(tls_stream, conn, handler, settings, shutdown).await,
-            Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
-        },
+        Some(acceptor) => {
+            match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
+            {
+                Ok(Ok(tls_stream)) => {
+                    serve_connection(tls_stream, conn, handler, settings, shutdown).await
+                }
+                Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
+            }
+        }
     }
 }
 
@@ -383,7 +433,11 @@ impl Running {
 }
 
 /// Mints the first admin key when the store has never had one.
-fn bootstrap(store: &Store, manager: &KeyManager, config: &Config) -> anyhow::Result<Option<String>> {
+fn bootstrap(
+    store: &Store,
+    manager: &KeyManager,
+    config: &Config,
+) -> anyhow::Result<Option<String>> {
     const MARK: &str = "bootstrapped";
     if store.meta_get(MARK)?.is_some() {
         return Ok(None);
@@ -392,10 +446,14 @@ fn bootstrap(store: &Store, manager: &KeyManager, config: &Config) -> anyhow::Re
         let spec = KeySpec {
             name: Some("bootstrap admin".into()),
             role: Some("admin".into()),
-            description: Some("minted on first start; rotate or revoke once you have your own admin keys".into()),
+            description: Some(
+                "minted on first start; rotate or revoke once you have your own admin keys".into(),
+            ),
             ..Default::default()
         };
-        let v = manager.create(config, &spec, &Actor::local()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let v = manager
+            .create(config, &spec, &Actor::local())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         v["secret"].as_str().map(str::to_string)
     } else {
         None
@@ -434,30 +492,61 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let key = load_certified_key(&t.cert, &t.key).map_err(anyhow::Error::msg)?;
             let resolver = Arc::new(CertResolver::new(key));
             let acceptor = TlsAcceptor::from(tls::server_config(resolver.clone())?);
-            let l = TcpListener::bind(t.listen).await.with_context(|| format!("cannot listen on {} (server.tls.listen)", t.listen))?;
+            let l = TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (server.tls.listen)", t.listen))?;
             Some((l, acceptor, resolver))
         }
     };
     let config_path = config.source.clone();
     let gateway = Arc::new(Gateway::new(config, keys, hasher, usage.clone()));
-    let admin = Arc::new(AdminApi { gateway: gateway.clone(), manager: manager.clone(), usage: usage.clone() });
+    let admin = Arc::new(AdminApi {
+        gateway: gateway.clone(),
+        manager: manager.clone(),
+        usage: usage.clone(),
+    });
 
     let (begin_shutdown, begin_rx) = watch::channel(false);
     let (data_stop, shutdown_rx) = watch::channel(false);
     let (admin_stop, admin_rx) = watch::channel(false);
     let grace_of = |gw: Arc<Gateway>| move || gw.runtime.load().config.server.shutdown_grace;
-    let data = tokio::spawn(serve_listener(listener, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), None));
+    let data = tokio::spawn(serve_listener(
+        listener,
+        gateway.clone(),
+        shutdown_rx.clone(),
+        grace_of(gateway.clone()),
+        None,
+    ));
     let mut listeners = vec![data];
     let mut tls_addr = None;
     let mut resolver = None;
     if let Some((l, acceptor, r)) = tls {
         tls_addr = Some(l.local_addr()?);
         resolver = Some(r);
-        listeners.push(tokio::spawn(serve_listener(l, gateway.clone(), shutdown_rx.clone(), grace_of(gateway.clone()), Some(acceptor))));
+        listeners.push(tokio::spawn(serve_listener(
+            l,
+            gateway.clone(),
+            shutdown_rx.clone(),
+            grace_of(gateway.clone()),
+            Some(acceptor),
+        )));
         tracing::info!(listen = ?tls_addr, "TLS data plane listening");
     }
-    let admin_task = tokio::spawn(serve_listener(admin_listener, admin, admin_rx, grace_of(gateway.clone()), None));
-    let supervisor = tokio::spawn(supervise_shutdown(gateway.clone(), begin_rx, data_stop, listeners, admin_stop, admin_task));
+    let admin_task = tokio::spawn(serve_listener(
+        admin_listener,
+        admin,
+        admin_rx,
+        grace_of(gateway.clone()),
+        None,
+    ));
+    let supervisor = tokio::spawn(supervise_shutdown(
+        gateway.clone(),
+        begin_rx,
+        data_stop,
+        listeners,
+        admin_stop,
+        admin_task,
+    ));
     let reloader = Arc::new(Reloader::new(gateway.clone(), config_path, resolver));
     let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
@@ -512,14 +601,21 @@ async fn usage_flusher(gateway: Arc<Gateway>) {
     loop {
         let (interval, retention) = {
             let rt = gateway.runtime.load();
-            (rt.config.store.usage_flush_interval, rt.config.store.usage_retention_days)
+            (
+                rt.config.store.usage_flush_interval,
+                rt.config.store.usage_retention_days,
+            )
         };
         tokio::time::sleep(interval).await;
         let usage = gateway.usage.clone();
         let prune = last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
         let result = tokio::task::spawn_blocking(move || {
             let flushed = usage.flush();
-            let pruned = if prune { Some(usage.prune(retention)) } else { None };
+            let pruned = if prune {
+                Some(usage.prune(retention))
+            } else {
+                None
+            };
             (flushed, pruned)
         })
         .await;
@@ -586,7 +682,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     };
-    tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, finishing in-flight requests"
+    );
     sd_notify(&[sd_notify::NotifyState::Stopping]);
     running.shutdown();
     running.wait().await;

@@ -45,7 +45,13 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// The embedded key store.
 pub struct Store {
@@ -80,16 +86,24 @@ impl Store {
     /// while another process holds it.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         }
         let db = match Database::create(path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_path_buf())),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse(path.to_path_buf()))
+            }
             Err(redb::DatabaseError::Storage(redb::StorageError::Io(source))) => {
                 if source.kind() == std::io::ErrorKind::WouldBlock {
                     return Err(StoreError::InUse(path.to_path_buf()));
                 }
-                return Err(StoreError::Io { path: path.to_path_buf(), source });
+                return Err(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
             }
             Err(e) => return Err(StoreError::Db(Box::new(e.into()))),
         };
@@ -99,7 +113,10 @@ impl Store {
         txn.open_table(AUDIT)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Store { db, path: path.to_path_buf() })
+        Ok(Store {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The file path.
@@ -148,7 +165,12 @@ impl Store {
 
     /// Writes `record` (new or changed) and its audit event in one transaction, keeping the
     /// digest index in step with `previous`.
-    pub fn put_key(&self, record: &KeyRecord, previous: Option<&KeyRecord>, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+    pub fn put_key(
+        &self,
+        record: &KeyRecord,
+        previous: Option<&KeyRecord>,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut digests = txn.open_table(DIGESTS)?;
@@ -177,8 +199,32 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts many new keys in one transaction (bulk import, benchmarks).
+    pub fn insert_keys(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut digests = txn.open_table(DIGESTS)?;
+            let mut keys = txn.open_table(KEYS)?;
+            for r in records {
+                for d in record_digests(r) {
+                    if digests.get(d.as_slice())?.is_some() {
+                        return Err(StoreError::DuplicateDigest);
+                    }
+                    digests.insert(d.as_slice(), r.id.as_str())?;
+                }
+                keys.insert(r.id.as_str(), encode(r)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Removes a key and its digests, recording `audit`, in one transaction.
-    pub fn delete_key(&self, record: &KeyRecord, audit: Option<&AuditEvent>) -> Result<(), StoreError> {
+    pub fn delete_key(
+        &self,
+        record: &KeyRecord,
+        audit: Option<&AuditEvent>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut digests = txn.open_table(DIGESTS)?;
@@ -209,7 +255,10 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter()?.rev().take(limit) {
             let (_, v) = row?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
         }
         Ok(out)
     }
@@ -278,7 +327,10 @@ mod tests {
         store.put_key(&r, None, Some(&ev)).unwrap();
         assert_eq!(store.get_key(&r.id).unwrap().as_ref(), Some(&r));
         let d = SecretHasher::new(None).digest("s1");
-        assert_eq!(store.id_for_digest(&d).unwrap().as_deref(), Some(r.id.as_str()));
+        assert_eq!(
+            store.id_for_digest(&d).unwrap().as_deref(),
+            Some(r.id.as_str())
+        );
         assert!(matches!(Store::open(&path), Err(StoreError::InUse(_))));
         store.delete_key(&r, None).unwrap();
         assert_eq!(store.get_key(&r.id).unwrap(), None);

@@ -80,15 +80,17 @@ impl Limit {
         if text.eq_ignore_ascii_case("none") {
             return Ok(None);
         }
-        let (n, period) = text
-            .split_once('/')
-            .ok_or_else(|| format!("bad rate limit {text:?}: expected N/DURATION such as \"1000/1h\", or \"none\""))?;
+        let (n, period) = text.split_once('/').ok_or_else(|| {
+            format!("bad rate limit {text:?}: expected N/DURATION such as \"1000/1h\", or \"none\"")
+        })?;
         let requests: u32 = n
             .trim()
             .parse()
             .map_err(|_| format!("bad rate limit {text:?}: {n:?} is not a whole number"))?;
         if requests == 0 {
-            return Err(format!("bad rate limit {text:?}: the count must be at least 1 (use \"none\" to disable)"));
+            return Err(format!(
+                "bad rate limit {text:?}: the count must be at least 1 (use \"none\" to disable)"
+            ));
         }
         let period = period.trim();
         // Allow the unit alone ("10/s") as a shorthand for one of it.
@@ -99,7 +101,9 @@ impl Limit {
         }
         .map_err(|e| format!("bad rate limit {text:?}: {e}"))?;
         if period.is_zero() {
-            return Err(format!("bad rate limit {text:?}: the period must be longer than zero"));
+            return Err(format!(
+                "bad rate limit {text:?}: the period must be longer than zero"
+            ));
         }
         Ok(Some(Limit { requests, period }))
     }
@@ -135,7 +139,10 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("1y").unwrap(), Duration::from_secs(365 * 86_400));
+        assert_eq!(
+            parse_duration("1y").unwrap(),
+            Duration::from_secs(365 * 86_400)
+        );
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("").is_err());
@@ -155,7 +162,10 @@ mod tests {
         assert_eq!(l.requests, 1000);
         assert_eq!(l.period, Duration::from_secs(3600));
         assert_eq!(l.to_string(), "1000/1h");
-        assert_eq!(Limit::parse("10/s").unwrap().unwrap().period, Duration::from_secs(1));
+        assert_eq!(
+            Limit::parse("10/s").unwrap().unwrap().period,
+            Duration::from_secs(1)
+        );
         assert_eq!(Limit::parse("none").unwrap(), None);
         assert!(Limit::parse("0/1m").is_err());
         assert!(Limit::parse("10").is_err());

@@ -2006,10 +2006,16 @@ async fn verify_applies_the_viewer_method_rule_without_a_deployment() {
     let gw = start_gateway("echo", EXTRA).await;
     let admin = Admin::of(&gw);
     let (_, viewer, _) = admin.create(json!({"name": "v", "role": "viewer"})).await;
-    let post = admin.post("/v1/verify", json!({"key": viewer, "method": "POST"})).await.json();
+    let post = admin
+        .post("/v1/verify", json!({"key": viewer, "method": "POST"}))
+        .await
+        .json();
     assert_eq!(post["valid"], false, "{post}");
     assert_eq!(post["code"], "insufficient_scope");
-    let get = admin.post("/v1/verify", json!({"key": viewer, "method": "GET"})).await.json();
+    let get = admin
+        .post("/v1/verify", json!({"key": viewer, "method": "GET"}))
+        .await
+        .json();
     assert_eq!(get["valid"], true, "{get}");
 }
 
@@ -2031,11 +2037,22 @@ async fn failed_admin_logins_are_locked_out_per_ip() {
     assert_eq!(blocked.code(), "too_many_failures");
     assert!(blocked.headers.contains_key("retry-after"));
     // Once blocked, more attempts are refused without writing more audit events.
-    let before = admin.audit(1000).await.iter().filter(|e| e["action"] == "admin.auth_failed").count();
+    let before = admin
+        .audit(1000)
+        .await
+        .iter()
+        .filter(|e| e["action"] == "admin.auth_failed")
+        .count();
     for _ in 0..5 {
         assert_eq!(wrong.get("/v1/keys").await.status, 429);
     }
     let after = admin.audit(1000).await;
-    let failed = after.iter().filter(|e| e["action"] == "admin.auth_failed").count();
-    assert_eq!(failed, before, "blocked attempts must not fill the audit trail");
+    let failed = after
+        .iter()
+        .filter(|e| e["action"] == "admin.auth_failed")
+        .count();
+    assert_eq!(
+        failed, before,
+        "blocked attempts must not fill the audit trail"
+    );
 }

@@ -53,7 +53,8 @@ impl Out {
     /// Stdout as JSON.
     #[track_caller]
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
     }
 
     #[track_caller]
@@ -65,7 +66,11 @@ impl Out {
 
 /// Sends a signal to a child process we started, by its id.
 fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// A test directory with a `gateway.toml`.
@@ -91,9 +96,19 @@ impl Env {
     /// `keygate --config <gateway.toml>`, run in the test directory without a terminal and
     /// without any keygate variables from the outer environment.
     fn command(&self) -> Command {
+        self.command_for(&self.config)
+    }
+
+    /// The same with another configuration file.
+    fn command_for(&self, config: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        c.arg("--config").arg(&self.config).current_dir(self.dir.path());
-        for var in ["KEYGATE_ADMIN_KEY", "KEYGATE_CONFIG", "KEYGATE_PEPPER", "RUST_LOG"] {
+        c.arg("--config").arg(config).current_dir(self.dir.path());
+        for var in [
+            "KEYGATE_ADMIN_KEY",
+            "KEYGATE_CONFIG",
+            "KEYGATE_PEPPER",
+            "RUST_LOG",
+        ] {
             c.env_remove(var);
         }
         c
@@ -110,13 +125,21 @@ impl Env {
         let mut all = vec!["keys", "create", "--json"];
         all.extend_from_slice(args);
         let v = self.run(&all).ok().json();
-        (v["key"]["id"].as_str().unwrap().to_string(), v["secret"].as_str().unwrap().to_string())
+        (
+            v["key"]["id"].as_str().unwrap().to_string(),
+            v["secret"].as_str().unwrap().to_string(),
+        )
     }
 }
 
 /// Runs a command with stdin closed, collecting its output, within [`COMMAND_TIMEOUT`].
 fn run_command(mut c: Command) -> Out {
-    let child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn keygate");
+    let child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keygate");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -183,7 +206,10 @@ fn check_accepts_a_good_file() {
     let env = Env::new(GOOD);
     let out = env.run(&["check"]).ok();
     assert!(out.stderr.trim().is_empty(), "{out:?}");
-    assert!(!env.dir.path().join("data").exists(), "check must not create the store");
+    assert!(
+        !env.dir.path().join("data").exists(),
+        "check must not create the store"
+    );
 }
 
 #[test]
@@ -228,12 +254,24 @@ fn check_reports_errors_with_line_and_column() {
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        c.arg("--config").arg(&path).arg("check").current_dir(dir.path()).env_remove("KEYGATE_CONFIG");
+        c.arg("--config")
+            .arg(&path)
+            .arg("check")
+            .current_dir(dir.path())
+            .env_remove("KEYGATE_CONFIG");
         let out = run_command(c);
         assert_eq!(out.code, Some(1), "{what}: {out:?}");
         let location = format!("{}:{line}:{col}", path.display());
-        assert!(out.stderr.contains(&location), "{what}: expected {location} in {:?}", out.stderr);
-        assert!(out.stderr.contains(reason), "{what}: expected {reason:?} in {:?}", out.stderr);
+        assert!(
+            out.stderr.contains(&location),
+            "{what}: expected {location} in {:?}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(reason),
+            "{what}: expected {reason:?} in {:?}",
+            out.stderr
+        );
     }
 }
 
@@ -241,7 +279,9 @@ fn check_reports_errors_with_line_and_column() {
 fn check_of_a_missing_file_fails() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.args(["--config", "nope.toml", "check"]).current_dir(dir.path()).env_remove("KEYGATE_CONFIG");
+    c.args(["--config", "nope.toml", "check"])
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_CONFIG");
     let out = run_command(c);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("nope.toml"), "{out:?}");
@@ -252,12 +292,18 @@ fn the_shipped_gateway_toml_passes_check() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
     let dir = tempfile::tempdir().unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.arg("--config").arg(&shipped).arg("check").current_dir(dir.path()).env_remove("KEYGATE_CONFIG");
+    c.arg("--config")
+        .arg(&shipped)
+        .arg("check")
+        .current_dir(dir.path())
+        .env_remove("KEYGATE_CONFIG");
     let out = run_command(c);
     assert_eq!(out.code, Some(0), "{out:?}");
     // KEYGATE_CONFIG is the default for --config.
     let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.arg("check").current_dir(dir.path()).env("KEYGATE_CONFIG", &shipped);
+    c.arg("check")
+        .current_dir(dir.path())
+        .env("KEYGATE_CONFIG", &shipped);
     assert_eq!(run_command(c).code, Some(0));
 }
 
@@ -305,7 +351,12 @@ const RECORD_FIELDS: [&str; 17] = [
 
 #[track_caller]
 fn assert_record_shape(key: &Value) {
-    let mut got: Vec<&str> = key.as_object().expect("key object").keys().map(String::as_str).collect();
+    let mut got: Vec<&str> = key
+        .as_object()
+        .expect("key object")
+        .keys()
+        .map(String::as_str)
+        .collect();
     got.sort_unstable();
     let mut want = RECORD_FIELDS.to_vec();
     want.sort_unstable();
@@ -342,8 +393,14 @@ fn offline_key_lifecycle() {
     let key = &created["key"];
     let secret = created["secret"].as_str().unwrap().to_string();
     let id = key["id"].as_str().unwrap().to_string();
-    assert!(secret.starts_with("kg_ci_") && secret.len() == 6 + 38 && is_base62(body(&secret)), "{secret}");
-    assert!(id.starts_with("key_") && id.len() == 20 && is_base62(&id[4..]), "{id}");
+    assert!(
+        secret.starts_with("kg_ci_") && secret.len() == 6 + 38 && is_base62(body(&secret)),
+        "{secret}"
+    );
+    assert!(
+        id.starts_with("key_") && id.len() == 20 && is_base62(&id[4..]),
+        "{id}"
+    );
     assert_record_shape(key);
     assert_eq!(key["name"], "CI pipeline");
     assert_eq!(key["owner"], "alice");
@@ -354,14 +411,29 @@ fn offline_key_lifecycle() {
     assert_eq!(key["status"], "active");
     assert_eq!(key["rate_limit"], "1000/1h");
     assert_eq!(key["expires_at"], Value::Null);
-    assert_eq!(key["display"], format!("kg_ci_****…{}", &secret[secret.len() - 4..]));
-    assert_eq!(out.stdout.matches(&secret).count(), 1, "the secret is shown exactly once");
+    assert_eq!(
+        key["display"],
+        format!("kg_ci_****…{}", &secret[secret.len() - 4..])
+    );
+    assert_eq!(
+        out.stdout.matches(&secret).count(),
+        1,
+        "the secret is shown exactly once"
+    );
 
     // list: never the secret, in any form
-    for args in [&["keys", "list", "--json"][..], &["keys", "list"], &["keys", "list", "--show-keys"], &["keys", "list", "--status", "all"]] {
+    for args in [
+        &["keys", "list", "--json"][..],
+        &["keys", "list"],
+        &["keys", "list", "--show-keys"],
+        &["keys", "list", "--status", "all"],
+    ] {
         let out = env.run(args).ok();
         assert!(out.stdout.contains(&id), "{args:?}: {out:?}");
-        assert!(!out.all().contains(body(&secret)), "{args:?} shows the secret: {out:?}");
+        assert!(
+            !out.all().contains(body(&secret)),
+            "{args:?} shows the secret: {out:?}"
+        );
     }
     let listed = env.run(&["keys", "list", "--json"]).ok().json();
     assert_eq!(listed["keys"].as_array().unwrap().len(), 1, "{listed}");
@@ -372,42 +444,84 @@ fn offline_key_lifecycle() {
     assert_eq!(out.json()["key"]["id"], id.as_str());
     assert!(!out.all().contains(body(&secret)));
     let out = env.run(&["keys", "show", &id]).ok();
-    assert!(out.stdout.contains("CI pipeline") && !out.all().contains(body(&secret)), "{out:?}");
+    assert!(
+        out.stdout.contains("CI pipeline") && !out.all().contains(body(&secret)),
+        "{out:?}"
+    );
 
     // verify: valid, then a route scope the key lacks
     let out = env.run(&["keys", "verify", &secret]).ok();
-    assert!(!out.all().contains(body(&secret)), "verify echoes the secret: {out:?}");
-    let out = env.run(&["keys", "verify", &secret, "--deployment", "my-app", "--method", "POST", "--path", "/scenarios"]);
+    assert!(
+        !out.all().contains(body(&secret)),
+        "verify echoes the secret: {out:?}"
+    );
+    let out = env.run(&[
+        "keys",
+        "verify",
+        &secret,
+        "--deployment",
+        "my-app",
+        "--method",
+        "POST",
+        "--path",
+        "/scenarios",
+    ]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.all().contains("insufficient_scope"), "{out:?}");
 
     // update
-    let out = env.run(&["keys", "update", &id, "--name", "CI pipeline 2", "--rate-limit", "10/1m", "--json"]).ok();
+    let out = env
+        .run(&[
+            "keys",
+            "update",
+            &id,
+            "--name",
+            "CI pipeline 2",
+            "--rate-limit",
+            "10/1m",
+            "--json",
+        ])
+        .ok();
     let v = out.json();
     assert_eq!(v["key"]["name"], "CI pipeline 2");
     assert_eq!(v["key"]["rate_limit"], "10/1m");
     let shown = env.run(&["keys", "show", &id, "--json"]).ok().json();
     assert_eq!(shown["key"]["name"], "CI pipeline 2");
     assert_eq!(shown["key"]["rate_limit"], "10/1m");
-    assert_eq!(shown["key"]["owner"], "alice", "update keeps the other fields");
+    assert_eq!(
+        shown["key"]["owner"], "alice",
+        "update keeps the other fields"
+    );
 
     // rotate: a new secret for the same id; the old one stops at once
-    let rotated = env.run(&["keys", "rotate", &id, "--force", "--json"]).ok().json();
+    let rotated = env
+        .run(&["keys", "rotate", &id, "--force", "--json"])
+        .ok()
+        .json();
     let new_secret = rotated["secret"].as_str().unwrap().to_string();
     assert_ne!(new_secret, secret);
-    assert!(new_secret.starts_with("kg_ci_") && new_secret.len() == 44, "{new_secret}");
+    assert!(
+        new_secret.starts_with("kg_ci_") && new_secret.len() == 44,
+        "{new_secret}"
+    );
     assert_eq!(rotated["key"]["id"], id.as_str());
     let out = env.run(&["keys", "verify", &secret]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.all().contains("invalid_key"), "{out:?}");
     env.run(&["keys", "verify", &new_secret]).ok();
-    let v = env.run(&["keys", "verify", &new_secret, "--json"]).ok().json();
+    let v = env
+        .run(&["keys", "verify", &new_secret, "--json"])
+        .ok()
+        .json();
     assert_eq!(v["valid"], true, "{v}");
     assert_eq!(v["key"]["id"], id.as_str());
 
     // revoke
     env.run(&["keys", "revoke", &id, "--force"]).ok();
-    assert_eq!(env.run(&["keys", "show", &id, "--json"]).ok().json()["key"]["status"], "revoked");
+    assert_eq!(
+        env.run(&["keys", "show", &id, "--json"]).ok().json()["key"]["status"],
+        "revoked"
+    );
     let out = env.run(&["keys", "verify", &new_secret]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.all().contains("invalid_key"), "{out:?}");
@@ -415,8 +529,15 @@ fn offline_key_lifecycle() {
     assert_eq!(v.code, Some(1));
     assert_eq!(v.json()["code"], "invalid_key");
     let active = env.run(&["keys", "list", "--json"]).ok().json();
-    assert_eq!(active["keys"], serde_json::json!([]), "revoked keys are not active");
-    let revoked = env.run(&["keys", "list", "--status", "revoked", "--json"]).ok().json();
+    assert_eq!(
+        active["keys"],
+        serde_json::json!([]),
+        "revoked keys are not active"
+    );
+    let revoked = env
+        .run(&["keys", "list", "--status", "revoked", "--json"])
+        .ok()
+        .json();
     assert_eq!(revoked["keys"][0]["id"], id.as_str());
 
     // delete
@@ -424,15 +545,31 @@ fn offline_key_lifecycle() {
     let out = env.run(&["keys", "show", &id]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains(&id), "{out:?}");
-    let all = env.run(&["keys", "list", "--status", "all", "--json"]).ok().json();
+    let all = env
+        .run(&["keys", "list", "--status", "all", "--json"])
+        .ok()
+        .json();
     assert_eq!(all["keys"], serde_json::json!([]));
 
     // The audit trail keeps every step, and no secret.
     let out = env.run(&["audit", "--json"]).ok();
-    let actions: Vec<String> =
-        out.json()["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap_or("").to_string()).collect();
-    for a in ["key.created", "key.updated", "key.rotated", "key.revoked", "key.deleted"] {
-        assert!(actions.iter().any(|x| x == a), "{a} missing from {actions:?}");
+    let actions: Vec<String> = out.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or("").to_string())
+        .collect();
+    for a in [
+        "key.created",
+        "key.updated",
+        "key.rotated",
+        "key.revoked",
+        "key.deleted",
+    ] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "{a} missing from {actions:?}"
+        );
     }
     assert!(!out.all().contains(body(&secret)) && !out.all().contains(body(&new_secret)));
 }
@@ -441,7 +578,11 @@ fn offline_key_lifecycle() {
 fn without_a_terminal_destructive_commands_need_force() {
     let env = Env::new(APP);
     let (id, secret) = env.create_key(&["--name", "keep me"]);
-    for args in [&["keys", "delete", &id][..], &["keys", "revoke", &id], &["keys", "rotate", &id]] {
+    for args in [
+        &["keys", "delete", &id][..],
+        &["keys", "revoke", &id],
+        &["keys", "rotate", &id],
+    ] {
         let out = env.run(args);
         assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
         assert!(out.stderr.contains("--force"), "{args:?}: {out:?}");
@@ -455,7 +596,15 @@ fn without_a_terminal_destructive_commands_need_force() {
     let out = env.run(&["keys", "create", "--role", "viewer"]);
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("--name"), "{out:?}");
-    assert_eq!(env.run(&["keys", "list", "--status", "all", "--json"]).ok().json()["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.run(&["keys", "list", "--status", "all", "--json"])
+            .ok()
+            .json()["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -463,7 +612,11 @@ fn verify_rejects_odd_secrets_without_crashing() {
     let env = Env::new(APP);
     env.create_key(&["--name", "k"]);
     let tail = "A".repeat(38);
-    for bad in ["nonsense".to_string(), format!("kg_a\u{e9}{tail}"), format!("kg_prod_{}\u{e9}", "A".repeat(37))] {
+    for bad in [
+        "nonsense".to_string(),
+        format!("kg_a\u{e9}{tail}"),
+        format!("kg_prod_{}\u{e9}", "A".repeat(37)),
+    ] {
         let out = env.run(&["keys", "verify", &bad]);
         assert_eq!(out.code, Some(1), "{bad:?}: {out:?}");
         assert!(out.all().contains("invalid_key"), "{bad:?}: {out:?}");
@@ -486,7 +639,11 @@ struct Serve {
     addr: SocketAddr,
 }
 
-fn pump(stream: impl Read + Send + 'static, output: Arc<Mutex<String>>, lines: Option<mpsc::UnboundedSender<String>>) -> std::thread::JoinHandle<()> {
+fn pump(
+    stream: impl Read + Send + 'static,
+    output: Arc<Mutex<String>>,
+    lines: Option<mpsc::UnboundedSender<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -503,7 +660,10 @@ impl Serve {
     /// Starts `keygate serve` and waits for its `data plane listening` line.
     async fn start(env: &Env, vars: &[(&str, &str)]) -> Serve {
         let mut c = env.command();
-        c.arg("serve").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in vars {
             c.env(k, v);
         }
@@ -515,10 +675,25 @@ impl Serve {
             pump(child.stdout.take().unwrap(), output.clone(), Some(tx)),
             pump(child.stderr.take().unwrap(), output.clone(), None),
         ];
-        let mut serve = Serve { child: Some(child), pid, lines, output, readers, addr: "127.0.0.1:0".parse().unwrap() };
-        let line = serve.wait_for_log(|v| v["message"] == "data plane listening").await;
-        serve.addr = line["listen"].as_str().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no listen address in {line}"));
-        assert!(serve.addr.ip().is_loopback() && serve.addr.port() != 0, "{line}");
+        let mut serve = Serve {
+            child: Some(child),
+            pid,
+            lines,
+            output,
+            readers,
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        let line = serve
+            .wait_for_log(|v| v["message"] == "data plane listening")
+            .await;
+        serve.addr = line["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no listen address in {line}"));
+        assert!(
+            serve.addr.ip().is_loopback() && serve.addr.port() != 0,
+            "{line}"
+        );
         serve
     }
 
@@ -553,17 +728,26 @@ impl Serve {
     async fn wait_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("still running");
         let pid = self.pid;
-        let waited = tokio::time::timeout(SERVE_TIMEOUT, tokio::task::spawn_blocking(move || child.wait())).await;
+        let waited = tokio::time::timeout(
+            SERVE_TIMEOUT,
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await;
         let status = match waited {
             Ok(joined) => joined.unwrap().unwrap(),
             Err(_) => {
                 // Not reaped yet, so the id is still this child's.
                 signal(pid, "KILL");
-                panic!("keygate serve did not exit within {SERVE_TIMEOUT:?}:\n{}", self.output());
+                panic!(
+                    "keygate serve did not exit within {SERVE_TIMEOUT:?}:\n{}",
+                    self.output()
+                );
             }
         };
         let readers = std::mem::take(&mut self.readers);
-        tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| r.join().unwrap())).await.unwrap();
+        tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| r.join().unwrap()))
+            .await
+            .unwrap();
         status
     }
 }
@@ -593,7 +777,9 @@ async fn slow_upstream() -> SlowUpstream {
     let rel = release.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
@@ -611,16 +797,24 @@ async fn slow_upstream() -> SlowUpstream {
                                 _ = rel.notified() => {}
                                 _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
                             }
-                            return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"slow done"))));
+                            return Ok::<_, Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"slow done"),
+                            )));
                         }
                         Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
-    SlowUpstream { addr, arrived, release }
+    SlowUpstream {
+        addr,
+        arrived,
+        release,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -631,7 +825,9 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
         up.addr
     ));
     // The grace is long: the gateway must exit as soon as the in-flight request is done.
-    let text = std::fs::read_to_string(&env.config).unwrap().replace("[server]\n", "[server]\nshutdown_grace = \"60s\"\n");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("[server]\n", "[server]\nshutdown_grace = \"60s\"\n");
     std::fs::write(&env.config, text).unwrap();
     let (_, secret) = env.create_key(&["--name", "drain"]);
     let mut serve = Serve::start(&env, &[]).await;
@@ -643,12 +839,22 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
 
     // A slow request is in flight at the upstream...
     let s = secret.clone();
-    let in_flight = tokio::spawn(async move { get(addr, "/slow?ms=20000", &[("x-api-key", &s)]).await });
-    tokio::time::timeout(SERVE_TIMEOUT, up.arrived.recv()).await.expect("the slow request reached the upstream").unwrap();
+    let in_flight =
+        tokio::spawn(async move { get(addr, "/slow?ms=20000", &[("x-api-key", &s)]).await });
+    tokio::time::timeout(SERVE_TIMEOUT, up.arrived.recv())
+        .await
+        .expect("the slow request reached the upstream")
+        .unwrap();
 
     // ...when the gateway is told to stop.
     signal(serve.pid, "TERM");
-    serve.wait_for_log(|v| v["message"].as_str().is_some_and(|m| m.contains("shutting down"))).await;
+    serve
+        .wait_for_log(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("shutting down"))
+        })
+        .await;
 
     // New connections are refused while the old request is still being served.
     let deadline = Instant::now() + SERVE_TIMEOUT;
@@ -667,15 +873,24 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
             Ok(conn) => {
                 // The listener may take a moment to close after the log line.
                 drop(conn);
-                assert!(Instant::now() < deadline, "still accepting connections after shutdown began");
+                assert!(
+                    Instant::now() < deadline,
+                    "still accepting connections after shutdown began"
+                );
                 tokio::task::yield_now().await;
             }
         }
     }
-    assert!(!in_flight.is_finished(), "the in-flight request ended before it was released");
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight request ended before it was released"
+    );
 
     up.release.notify_one();
-    let a: Answer = tokio::time::timeout(SERVE_TIMEOUT, in_flight).await.expect("in-flight request finished").unwrap();
+    let a: Answer = tokio::time::timeout(SERVE_TIMEOUT, in_flight)
+        .await
+        .expect("in-flight request finished")
+        .unwrap();
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(&a.body[..], b"slow done");
 
@@ -689,11 +904,16 @@ async fn key_commands_refuse_a_store_in_use_without_damaging_it() {
     let (id, secret) = env.create_key(&["--name", "before serve", "--scopes", "read_scenarios"]);
     let mut serve = Serve::start(&env, &[]).await;
 
-    for args in [&["keys", "list"][..], &["keys", "create", "--name", "while serving"], &["keys", "show", &id]] {
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "create", "--name", "while serving"],
+        &["keys", "show", &id],
+    ] {
         let out = env.run(args);
         assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
         // A clear message: the store is in use by a running gateway, and how to proceed.
-        let says_in_use = out.stderr.contains("in use") || out.stderr.contains("held by a running keygate");
+        let says_in_use =
+            out.stderr.contains("in use") || out.stderr.contains("held by a running keygate");
         assert!(
             says_in_use && out.stderr.contains("KEYGATE_ADMIN_KEY"),
             "{args:?}: expected a clear 'store in use' message: {out:?}"
@@ -706,7 +926,12 @@ async fn key_commands_refuse_a_store_in_use_without_damaging_it() {
     let status = serve.stop().await;
     assert_eq!(status.code(), Some(0), "{}", serve.output());
     let listed = env.run(&["keys", "list", "--json"]).ok().json();
-    let ids: Vec<&str> = listed["keys"].as_array().unwrap().iter().filter_map(|k| k["id"].as_str()).collect();
+    let ids: Vec<&str> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
     assert_eq!(ids, vec![id.as_str()], "{listed}");
     env.run(&["keys", "verify", &secret]).ok();
 }
@@ -716,7 +941,9 @@ async fn serve_never_logs_secrets() {
     let env = Env::new(&format!(
         "[auth]\nquery_param = \"api_key\"\n\n[rate_limit]\ndefault = \"none\"\nfailed_auth_per_ip = \"none\"\n{APP}"
     ));
-    let text = std::fs::read_to_string(&env.config).unwrap().replace("level = \"info\"", "level = \"debug\"");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("level = \"info\"", "level = \"debug\"");
     std::fs::write(&env.config, text).unwrap();
     let (id, secret) = env.create_key(&["--name", "logged", "--scopes", "read_scenarios"]);
     let (_, revoked) = env.create_key(&["--name", "revoked"]);
@@ -742,37 +969,227 @@ async fn serve_never_logs_secrets() {
     let addr = serve.addr;
     let bearer = format!("Bearer {secret}");
     let checks: Vec<(Answer, u16)> = vec![
-        (get(addr, "/scenarios", &[("x-api-key", &secret)]).await, 200),
-        (get(addr, "/scenarios/7", &[("authorization", &bearer)]).await, 200),
-        (get(addr, &format!("/scenarios?api_key={secret}&page=2"), &[]).await, 200),
-        (get(addr, &format!("/scenarios?api_key={unknown}"), &[]).await, 401),
-        (get(addr, "/scenarios", &[("x-api-key", &mistyped)]).await, 401),
-        (get(addr, "/scenarios", &[("x-api-key", &revoked)]).await, 401),
-        (get(addr, "/scenarios", &[("x-api-key", &secret), ("authorization", &format!("Bearer {unknown}"))]).await, 400),
-        (send(addr, Method::POST, "/scenarios", &[("x-api-key", &secret)], "{}").await, 403),
-        (get(addr, "/.keygate/auth", &[("x-original-uri", &format!("/scenarios?api_key={secret}"))]).await, 200),
+        (
+            get(addr, "/scenarios", &[("x-api-key", &secret)]).await,
+            200,
+        ),
+        (
+            get(addr, "/scenarios/7", &[("authorization", &bearer)]).await,
+            200,
+        ),
+        (
+            get(addr, &format!("/scenarios?api_key={secret}&page=2"), &[]).await,
+            200,
+        ),
+        (
+            get(addr, &format!("/scenarios?api_key={unknown}"), &[]).await,
+            401,
+        ),
+        (
+            get(addr, "/scenarios", &[("x-api-key", &mistyped)]).await,
+            401,
+        ),
+        (
+            get(addr, "/scenarios", &[("x-api-key", &revoked)]).await,
+            401,
+        ),
+        (
+            get(
+                addr,
+                "/scenarios",
+                &[
+                    ("x-api-key", &secret),
+                    ("authorization", &format!("Bearer {unknown}")),
+                ],
+            )
+            .await,
+            400,
+        ),
+        (
+            send(
+                addr,
+                Method::POST,
+                "/scenarios",
+                &[("x-api-key", &secret)],
+                "{}",
+            )
+            .await,
+            403,
+        ),
+        (
+            get(
+                addr,
+                "/.keygate/auth",
+                &[("x-original-uri", &format!("/scenarios?api_key={secret}"))],
+            )
+            .await,
+            200,
+        ),
     ];
     for (i, (a, want)) in checks.iter().enumerate() {
         assert_eq!(a.status.as_u16(), *want, "request {i}: {a:?}");
     }
     // The echo upstream saw the request without the credential.
     let echoed = String::from_utf8_lossy(&checks[2].0.body).into_owned();
-    assert!(!echoed.contains(body(&secret)), "the query key was forwarded: {echoed}");
+    assert!(
+        !echoed.contains(body(&secret)),
+        "the query key was forwarded: {echoed}"
+    );
 
     let status = serve.stop().await;
     assert_eq!(status.code(), Some(0));
     let log = serve.output();
-    for (what, s) in [("valid", &secret), ("revoked", &revoked), ("unknown", &unknown), ("mistyped", &mistyped)] {
-        assert!(!log.contains(body(s)), "the {what} secret appears in the logs:\n{log}");
+    for (what, s) in [
+        ("valid", &secret),
+        ("revoked", &revoked),
+        ("unknown", &unknown),
+        ("mistyped", &mistyped),
+    ] {
+        assert!(
+            !log.contains(body(s)),
+            "the {what} secret appears in the logs:\n{log}"
+        );
     }
 
     // The key id is in an access log line with the request's facts.
-    let access: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["key_id"] == id.as_str()).collect();
+    let access: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["key_id"] == id.as_str())
+        .collect();
     let line = access
         .iter()
         .find(|v| v["status"] == 200 && v["operation"] == "read_scenarios")
         .unwrap_or_else(|| panic!("no access line for {id} with status 200:\n{log}"));
     assert_eq!(line["deployment"], "my-app", "{line}");
-    assert!(line.as_object().unwrap().keys().any(|k| k.starts_with("latency")), "no latency field: {line}");
-    assert!(access.iter().any(|v| v["status"] == 403 && v["operation"] == "create_scenarios"), "{access:?}");
+    assert!(
+        line.as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("latency")),
+        "no latency field: {line}"
+    );
+    assert!(
+        access
+            .iter()
+            .any(|v| v["status"] == 403 && v["operation"] == "create_scenarios"),
+        "{access:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_commands_use_the_admin_api_while_serving() {
+    let env = Env::new(APP);
+    let (admin_id, admin_secret) = env.create_key(&["--name", "ops admin", "--role", "admin"]);
+    let (_, operator_secret) = env.create_key(&["--name", "not an admin"]);
+    let mut serve = Serve::start(&env, &[]).await;
+    let admin_line = serve
+        .wait_for_log(|v| v["message"] == "admin API listening")
+        .await;
+    let admin_addr: SocketAddr = admin_line["listen"].as_str().unwrap().parse().unwrap();
+
+    // The served file says 127.0.0.1:0 for the admin API; a client config (elsewhere, so the
+    // gateway's file watcher never sees it) names the bound address and the same store.
+    let client_dir = tempfile::tempdir().unwrap();
+    let client_config = client_dir.path().join("client.toml");
+    let store = env.dir.path().join("data/keygate.redb");
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin_addr}\""),
+        )
+        .replace(
+            "path = \"data/keygate.redb\"",
+            &format!("path = {:?}", store.display().to_string()),
+        );
+    std::fs::write(&client_config, text).unwrap();
+    let key_file = client_dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{admin_secret}\n")).unwrap();
+    let cli = |key: &str, args: &[&str]| {
+        let mut c = env.command_for(&client_config);
+        c.env("KEYGATE_ADMIN_KEY", key).args(args);
+        run_command(c)
+    };
+
+    // create through the admin API: the new key works on the data plane at once.
+    let created = cli(
+        &admin_secret,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "live",
+            "--scopes",
+            "read_scenarios",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    let (live_id, live_secret) = (
+        created["key"]["id"].as_str().unwrap().to_string(),
+        created["secret"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(
+        get(serve.addr, "/scenarios", &[("x-api-key", &live_secret)])
+            .await
+            .status,
+        200
+    );
+
+    // list with --admin-key-file (and no KEYGATE_ADMIN_KEY): no secrets in the answer.
+    let mut c = env.command_for(&client_config);
+    c.arg("--admin-key-file")
+        .arg(&key_file)
+        .args(["keys", "list", "--json"]);
+    let out = run_command(c).ok();
+    let ids: Vec<String> = out.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&live_id) && ids.contains(&admin_id), "{ids:?}");
+    for s in [&admin_secret, &operator_secret, &live_secret] {
+        assert!(!out.all().contains(body(s)), "list shows a secret: {out:?}");
+    }
+
+    // revoke through the admin API: enforced before the command returns.
+    cli(&admin_secret, &["keys", "revoke", &live_id, "--force"]).ok();
+    let a = get(serve.addr, "/scenarios", &[("x-api-key", &live_secret)]).await;
+    assert_eq!(a.status, 401, "{a:?}");
+    assert_eq!(a.code(), "invalid_key");
+
+    // A key without the admin role cannot manage keys.
+    let out = cli(&operator_secret, &["keys", "create", "--name", "sneaky"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        !out.all().contains(body(&operator_secret)),
+        "the admin key is echoed: {out:?}"
+    );
+
+    let status = serve.stop().await;
+    assert_eq!(status.code(), Some(0), "{}", serve.output());
+    let all = env
+        .run(&["keys", "list", "--status", "all", "--json"])
+        .ok()
+        .json();
+    let names: Vec<&str> = all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(!names.contains(&"sneaky"), "{names:?}");
+    let events = env.run(&["audit", "--json"]).ok().json();
+    let revoked = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "key.revoked")
+        .expect("revocation audited");
+    assert_eq!(revoked["actor_key_id"], admin_id.as_str(), "{revoked}");
+    assert_eq!(revoked["target_key_id"], live_id.as_str(), "{revoked}");
 }

@@ -22,9 +22,20 @@ async fn a_valid_key_reaches_the_upstream_with_identity_headers() {
 #[tokio::test]
 async fn admin_api_creates_and_revokes_keys_live() {
     let gw = start_gateway("echo", "").await;
-    let admin = gw.running.bootstrap_secret.clone().expect("bootstrap admin key on an empty store");
+    let admin = gw
+        .running
+        .bootstrap_secret
+        .clone()
+        .expect("bootstrap admin key on an empty store");
     let admin_addr = gw.running.admin_addr;
-    let a = send(admin_addr, http::Method::POST, "/v1/keys", &[("x-api-key", &admin), ("content-type", "application/json")], r#"{"name":"ci","role":"operator"}"#).await;
+    let a = send(
+        admin_addr,
+        http::Method::POST,
+        "/v1/keys",
+        &[("x-api-key", &admin), ("content-type", "application/json")],
+        r#"{"name":"ci","role":"operator"}"#,
+    )
+    .await;
     assert_eq!(a.status, 201, "{:?}", a.body);
     let v = a.json();
     let secret = v["secret"].as_str().unwrap().to_string();
@@ -32,19 +43,45 @@ async fn admin_api_creates_and_revokes_keys_live() {
     let ok = get(gw.addr(), "/x", &[("x-api-key", &secret)]).await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.headers["ratelimit-limit"], "1000");
-    let r = send(admin_addr, http::Method::POST, &format!("/v1/keys/{id}/revoke"), &[("x-api-key", &admin)], "").await;
+    let r = send(
+        admin_addr,
+        http::Method::POST,
+        &format!("/v1/keys/{id}/revoke"),
+        &[("x-api-key", &admin)],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["key"]["status"], "revoked");
     let denied = get(gw.addr(), "/x", &[("x-api-key", &secret)]).await;
     assert_eq!(denied.status, 401);
-    let usage = get(admin_addr, &format!("/v1/keys/{id}/usage?days=3"), &[("x-api-key", &admin)]).await;
+    let usage = get(
+        admin_addr,
+        &format!("/v1/keys/{id}/usage?days=3"),
+        &[("x-api-key", &admin)],
+    )
+    .await;
     assert_eq!(usage.status, 200, "{:?}", usage.body);
     assert_eq!(usage.json()["total"], 1, "{}", usage.json());
     let m = get(admin_addr, "/metrics", &[]).await;
-    assert!(String::from_utf8_lossy(&m.body).contains("keygate_requests_total{deployment=\"app\",status=\"2xx\"} 1"), "{:?}", m.body);
+    assert!(
+        String::from_utf8_lossy(&m.body)
+            .contains("keygate_requests_total{deployment=\"app\",status=\"2xx\"} 1"),
+        "{:?}",
+        m.body
+    );
     let noauth = get(admin_addr, "/v1/keys", &[("x-api-key", &secret)]).await;
     assert_eq!(noauth.status, 401);
     let audit = get(admin_addr, "/v1/audit?limit=10", &[("x-api-key", &admin)]).await;
-    let actions: Vec<String> = audit.json()["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap().to_string()).collect();
-    assert_eq!(actions[..3], ["admin.auth_failed", "key.revoked", "key.created"], "{actions:?}");
+    let actions: Vec<String> = audit.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        actions[..3],
+        ["admin.auth_failed", "key.revoked", "key.created"],
+        "{actions:?}"
+    );
 }

@@ -39,7 +39,9 @@ pub async fn start_upstream() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(upstream_handler);
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -54,7 +56,10 @@ pub async fn start_upstream() -> SocketAddr {
 fn query_num(req: &Request<Incoming>, name: &str) -> u64 {
     req.uri()
         .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|r| r.strip_prefix('='))))
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
@@ -81,7 +86,10 @@ async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<UpBody>
                     return None;
                 }
                 let n = left.min(chunk.len() as u64) as usize;
-                Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n))), left - n as u64))
+                Some((
+                    Ok::<_, Infallible>(Frame::data(chunk.slice(..n))),
+                    left - n as u64,
+                ))
             }
         });
         return Ok(Response::new(BodyExt::boxed(StreamBody::new(stream))));
@@ -124,8 +132,16 @@ async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<UpBody>
     }
     let mut headers = serde_json::Map::new();
     for name in parts.headers.keys() {
-        let values: Vec<&str> = parts.headers.get_all(name).iter().map(|v| v.to_str().unwrap_or("?")).collect();
-        headers.insert(name.to_string(), serde_json::Value::String(values.join(", ")));
+        let values: Vec<&str> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect();
+        headers.insert(
+            name.to_string(),
+            serde_json::Value::String(values.join(", ")),
+        );
     }
     let answer = serde_json::json!({
         "method": parts.method.as_str(),
@@ -136,7 +152,8 @@ async fn upstream_handler(mut req: Request<Incoming>) -> Result<Response<UpBody>
         "version": format!("{:?}", parts.version),
     });
     let mut r = Response::new(full(serde_json::to_vec(&answer).unwrap()));
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     Ok(r)
 }
 
@@ -166,15 +183,28 @@ pub async fn start_gateway_with(text_for: impl FnOnce(&std::path::Path) -> Strin
     let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"));
     let running = server::start(config.clone()).await.unwrap();
     let manager = running.manager.clone();
-    TestGateway { running, dir, config, manager }
+    TestGateway {
+        running,
+        dir,
+        config,
+        manager,
+    }
 }
 
 /// Starts a gateway with one deployment `app` on `upstream` (`echo` or an address) and
 /// the given extra `[[deployments.routes]]` / sections appended.
 pub async fn start_gateway(upstream: &str, extra: &str) -> TestGateway {
-    let upstream = if upstream == "echo" { "echo".to_string() } else { format!("http://{upstream}") };
+    let upstream = if upstream == "echo" {
+        "echo".to_string()
+    } else {
+        format!("http://{upstream}")
+    };
     start_gateway_with(|dir| {
-        config_text(dir, "", &format!("[[deployments]]\nname = \"app\"\nupstream = \"{upstream}\"\n{extra}"))
+        config_text(
+            dir,
+            "",
+            &format!("[[deployments]]\nname = \"app\"\nupstream = \"{upstream}\"\n{extra}"),
+        )
     })
     .await
 }
@@ -187,13 +217,23 @@ impl TestGateway {
 
     /// Creates a key; returns (id, secret).
     pub fn create_key(&self, spec: KeySpec) -> (String, String) {
-        let v = self.manager.create(&self.config, &spec, &Actor::local()).unwrap();
-        (v["key"]["id"].as_str().unwrap().to_string(), v["secret"].as_str().unwrap().to_string())
+        let v = self
+            .manager
+            .create(&self.config, &spec, &Actor::local())
+            .unwrap();
+        (
+            v["key"]["id"].as_str().unwrap().to_string(),
+            v["secret"].as_str().unwrap().to_string(),
+        )
     }
 
     /// Creates an operator key for all deployments.
     pub fn operator_key(&self) -> (String, String) {
-        self.create_key(KeySpec { name: Some("test".into()), role: Some("operator".into()), ..Default::default() })
+        self.create_key(KeySpec {
+            name: Some("test".into()),
+            role: Some("operator".into()),
+            ..Default::default()
+        })
     }
 }
 
@@ -208,27 +248,46 @@ pub struct Answer {
 impl Answer {
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 
     /// The error code of a JSON error body.
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
 /// Sends one HTTP/1.1 request and collects the answer.
-pub async fn send(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
+pub async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client.request(req.body(Full::new(body.into())).unwrap()).await.unwrap();
+    let resp = client
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Answer { status, headers, body }
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// GET with headers.
