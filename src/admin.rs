@@ -175,11 +175,11 @@ impl AdminApi {
         let ip_text = ip.to_string();
         match outcome {
             Ok(key) if key.role == Role::Admin => Ok(Actor {
-                key_id: Some(key.id.to_string()),
+                key_id: Some(key.id_str().to_string()),
                 client_ip: Some(ip_text),
             }),
             Ok(key) => {
-                self.audit_failure(&ip_text, Some(&key.id));
+                self.audit_failure(&ip_text, Some(key.id_str()));
                 Err(GatewayError::InsufficientScope {
                     required: "role:admin".into(),
                     granted: key.scope_list(),

@@ -95,13 +95,20 @@ pub struct Gateway {
 
 /// What one request did, for usage, metrics and the access log.
 #[derive(Default)]
-struct Outcome {
+pub struct Outcome {
     key: Option<Arc<LiveKey>>,
     deployment: Option<usize>,
     operation: Option<Operation>,
     error: Option<&'static str>,
     authorized: bool,
     rate: Option<Decision>,
+}
+
+impl Outcome {
+    /// Records the error a request ended with.
+    pub fn fail(&mut self, e: &GatewayError) {
+        self.error = Some(e.code());
+    }
 }
 
 fn unix_now() -> i64 {
@@ -215,7 +222,7 @@ impl Gateway {
         let mut resp = match self.process(&rt, req, &conn, ip, &mut out).await {
             Ok(r) => r,
             Err(e) => {
-                out.error = Some(e.code());
+                out.fail(&e);
                 e.to_response()
             }
         };
@@ -223,38 +230,15 @@ impl Gateway {
             set_rate_headers(resp.headers_mut(), d);
         }
         let status = resp.status().as_u16();
+        self.account(&rt, &out, status, ip, user_agent.as_ref());
         let dep = out.deployment.and_then(|i| rt.deployments.get(i));
-        match dep {
-            Some(d) => d.counters.count(status),
-            None => self.metrics.count_unrouted(status),
-        }
-        if out.authorized || out.error.is_some_and(|c| c != "no_route") {
-            self.metrics.count_auth(
-                if out.authorized && out.error.is_none_or(|c| c.starts_with("upstream")) {
-                    "ok"
-                } else {
-                    out.error.unwrap_or("ok")
-                },
-            );
-        }
-        if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation.clone()) {
-            self.usage.record(Hit {
-                key: &key.id,
-                deployment: &d.name,
-                operation: op,
-                status,
-                now: unix_now(),
-                ip,
-                user_agent: user_agent.as_ref(),
-            });
-        }
         tracing::info!(
             target: "keygate::access",
             client_ip = %ip,
             method = %method,
             path = uri.path(),
             status,
-            key_id = out.key.as_ref().map(|k| &*k.id),
+            key_id = out.key.as_ref().map(|k| k.id_str()),
             deployment = dep.map(|d| &*d.name),
             operation = out.operation.as_ref().map(Operation::as_str),
             error = out.error,
@@ -262,6 +246,58 @@ impl Gateway {
             "request"
         );
         resp
+    }
+
+    /// Counts a finished request: per-deployment and auth metrics, and the key's usage.
+    /// Memory only: no I/O, no lock held beyond a map shard.
+    pub fn account(
+        &self,
+        rt: &Runtime,
+        out: &Outcome,
+        status: u16,
+        ip: IpAddr,
+        user_agent: Option<&HeaderValue>,
+    ) {
+        let dep = out.deployment.and_then(|i| rt.deployments.get(i));
+        match dep {
+            Some(d) => d.counters.count(status),
+            None => self.metrics.count_unrouted(status),
+        }
+        if out.authorized || out.error.is_some_and(|c| c != "no_route") {
+            let ok = out.authorized && out.error.is_none_or(|c| c.starts_with("upstream"));
+            self.metrics
+                .count_auth(if ok { "ok" } else { out.error.unwrap_or("ok") });
+        }
+        if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation.clone()) {
+            self.usage.record(Hit {
+                key: key.id(),
+                deployment: &d.name,
+                operation: op,
+                status,
+                now: unix_now(),
+                ip,
+                user_agent,
+            });
+        }
+    }
+
+    /// Route → credential → key → deployment/scope → rate limit for one request head: the
+    /// decision `handle` makes before forwarding (public so benchmarks measure exactly it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit<'r>(
+        &self,
+        rt: &'r Runtime,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        host: Option<&str>,
+        ip: IpAddr,
+        out: &mut Outcome,
+    ) -> Result<(RouteMatch<'r>, Arc<LiveKey>), GatewayError> {
+        let m = router::route(&rt.config, host, uri.path(), method).ok_or(GatewayError::NoRoute)?;
+        self.note_route(rt, &m, method, out);
+        let key = self.check(rt, headers, uri.query(), &m, method, ip, out)?;
+        Ok((m, key))
     }
 
     async fn process(
@@ -278,15 +314,12 @@ impl Gateway {
                 return self.forward_auth(rt, &req, fa, ip, out);
             }
         }
-        let m = router::route(cfg, request_host(&req), req.uri().path(), req.method())
-            .ok_or(GatewayError::NoRoute)?;
-        self.note_route(rt, &m, req.method(), out);
-        let key = self.check(
+        let (m, key) = self.admit(
             rt,
-            req.headers(),
-            req.uri().query(),
-            &m,
             req.method(),
+            req.uri(),
+            req.headers(),
+            request_host(&req),
             ip,
             out,
         )?;
@@ -364,7 +397,7 @@ impl Gateway {
         authorize(&key, m.deployment, m.route, method)?;
         let decision = self
             .limits
-            .check(&key.id, cfg.limit_for(key.role, key.rate_limit.as_ref()));
+            .check(key.id(), cfg.limit_for(key.role, key.rate_limit.as_ref()));
         out.rate = Some(decision);
         if let Decision::Denied {
             limit,

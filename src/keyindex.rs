@@ -1,9 +1,20 @@
 //! The live key index: digest → key, read lock-free by the data plane, written only by the
 //! admin path (and at start-up). Revocation, deletion and rotation apply here before the
 //! admin answer is sent.
+//!
+//! Built for a million keys: a key's strings live in one shared buffer (identity headers are
+//! slices of it, so forwarding allocates nothing), the main map is keyed by the first 8
+//! bytes of the digest (already uniformly random, so it is its own hash) and the full digest
+//! is then compared in constant time. Secrets in a rotation grace period, and the
+//! astronomically rare 64-bit tag collision, live in a small side map.
 
+use std::borrow::Borrow;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use http::HeaderValue;
 use subtle::ConstantTimeEq;
@@ -11,101 +22,357 @@ use subtle::ConstantTimeEq;
 use crate::keys::{unhex, KeyRecord, Role, SecretDigest};
 use crate::units::Limit;
 
-/// What the data plane needs to know about a key, with its identity headers pre-built.
-#[derive(Debug)]
+/// A key id (`key_…`) sharing its key's string buffer: cloning it allocates nothing.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyId(Bytes);
+
+impl KeyId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+impl Hash for KeyId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl Borrow<str> for KeyId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::ops::Deref for KeyId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl From<&str> for KeyId {
+    fn from(s: &str) -> Self {
+        KeyId(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+/// The strings of a key, in this order, in its buffer.
+const ID: usize = 0;
+const NAME: usize = 1;
+const OWNER: usize = 2;
+const SCOPES: usize = 3;
+const DEPLOYMENTS: usize = 4;
+
+/// What the data plane needs to know about a key.
 pub struct LiveKey {
-    /// Public id.
-    pub id: std::sync::Arc<str>,
+    /// Digest of the current secret.
+    pub digest: SecretDigest,
+    /// id, name, owner, scopes (comma-separated), deployments (comma-separated).
+    text: Bytes,
+    ends: [u16; 5],
     /// Role.
     pub role: Role,
-    /// Granted scopes.
-    pub scopes: Box<[Box<str>]>,
-    /// Allowed deployments; `None` means all (`*`).
-    pub deployments: Option<Box<[Box<str>]>>,
+    all_deployments: bool,
     /// Expiry as Unix seconds.
     pub expires_at: Option<i64>,
     /// The key's own limit: `None` = role/default, `Some(None)` = unlimited.
     pub rate_limit: Option<Option<Limit>>,
-    /// `X-Keygate-Key-Id`.
-    pub hv_id: HeaderValue,
-    /// `X-Keygate-Key-Name`.
-    pub hv_name: HeaderValue,
-    /// `X-Keygate-Owner`.
-    pub hv_owner: HeaderValue,
-    /// `X-Keygate-Role`.
-    pub hv_role: HeaderValue,
-    /// `X-Keygate-Scopes`.
-    pub hv_scopes: HeaderValue,
 }
 
-/// Makes a header value from free text, dropping characters headers cannot carry.
-fn header_text(s: &str) -> HeaderValue {
-    HeaderValue::from_str(s).unwrap_or_else(|_| {
-        let cleaned: Vec<u8> = s
-            .bytes()
-            .filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
-            .collect();
-        HeaderValue::from_bytes(&cleaned).unwrap_or_else(|_| HeaderValue::from_static(""))
-    })
+impl std::fmt::Debug for LiveKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveKey")
+            .field("id", &self.id_str())
+            .field("role", &self.role)
+            .finish()
+    }
+}
+
+/// Removes bytes a header value cannot carry (names are validated on create; this guards
+/// records written by older versions).
+fn header_safe(s: &str) -> impl Iterator<Item = u8> + '_ {
+    s.bytes()
+        .filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 impl LiveKey {
     /// Builds the live form of a record.
     pub fn from_record(r: &KeyRecord) -> LiveKey {
         let all = r.deployments.iter().any(|d| d == "*");
+        let mut text = BytesMut::with_capacity(r.id.len() + r.name.len() + r.owner.len() + 32);
+        let mut ends = [0u16; 5];
+        let mut push = |i: usize, parts: &mut dyn Iterator<Item = &str>, text: &mut BytesMut| {
+            let start = text.len();
+            for (n, p) in parts.enumerate() {
+                if n > 0 {
+                    text.put_u8(b',');
+                }
+                text.extend(header_safe(p));
+            }
+            // Strings are capped well below 64 KiB on create; truncate anything older.
+            text.truncate(start + (text.len() - start).min(u16::MAX as usize / 8));
+            ends[i] = text.len() as u16;
+        };
+        push(ID, &mut std::iter::once(r.id.as_str()), &mut text);
+        push(NAME, &mut std::iter::once(r.name.as_str()), &mut text);
+        push(OWNER, &mut std::iter::once(r.owner.as_str()), &mut text);
+        push(SCOPES, &mut r.scopes.iter().map(String::as_str), &mut text);
+        let deployments: &mut dyn Iterator<Item = &str> = if all {
+            &mut std::iter::empty()
+        } else {
+            &mut r.deployments.iter().map(String::as_str)
+        };
+        push(DEPLOYMENTS, deployments, &mut text);
         LiveKey {
-            id: r.id.as_str().into(),
+            digest: unhex(&r.digest).unwrap_or([0; 32]),
+            text: text.freeze(),
+            ends,
             role: r.role,
-            scopes: r.scopes.iter().map(|s| s.as_str().into()).collect(),
-            deployments: (!all).then(|| r.deployments.iter().map(|d| d.as_str().into()).collect()),
+            all_deployments: all,
             expires_at: r.expires_at.map(|t| t.timestamp()),
             rate_limit: r
                 .rate_limit
                 .as_deref()
                 .map(|l| Limit::parse(l).ok().flatten()),
-            hv_id: header_text(&r.id),
-            hv_name: header_text(&r.name),
-            hv_owner: header_text(&r.owner),
-            hv_role: HeaderValue::from_static(r.role.as_str()),
-            hv_scopes: header_text(&r.scopes.join(",")),
         }
+    }
+
+    /// The compact binary form the store keeps beside each record, so start-up reads keys
+    /// without parsing JSON: version, role, flags, expiry, limit, digest, grace secrets,
+    /// string ends, strings.
+    pub fn encode(r: &KeyRecord) -> Vec<u8> {
+        let k = LiveKey::from_record(r);
+        let grace: Vec<(SecretDigest, i64)> = r
+            .grace
+            .iter()
+            .filter_map(|g| Some((unhex(&g.digest)?, g.valid_until.timestamp())))
+            .take(255)
+            .collect();
+        let mut out = Vec::with_capacity(68 + grace.len() * 40 + k.text.len());
+        out.push(1);
+        out.push(match k.role {
+            Role::Admin => 0,
+            Role::Operator => 1,
+            Role::Viewer => 2,
+        });
+        out.push(u8::from(k.all_deployments) | (u8::from(r.revoked_at.is_some()) << 1));
+        out.extend_from_slice(&k.expires_at.unwrap_or(i64::MIN).to_le_bytes());
+        let (kind, requests, period) = match k.rate_limit {
+            None => (0u8, 0u32, 0u64),
+            Some(None) => (1, 0, 0),
+            Some(Some(l)) => (
+                2,
+                l.requests,
+                l.period.as_nanos().min(u128::from(u64::MAX)) as u64,
+            ),
+        };
+        out.push(kind);
+        out.extend_from_slice(&requests.to_le_bytes());
+        out.extend_from_slice(&period.to_le_bytes());
+        out.extend_from_slice(&k.digest);
+        out.push(grace.len() as u8);
+        for (d, until) in &grace {
+            out.extend_from_slice(d);
+            out.extend_from_slice(&until.to_le_bytes());
+        }
+        for e in k.ends {
+            out.extend_from_slice(&e.to_le_bytes());
+        }
+        out.extend_from_slice(&k.text);
+        out
+    }
+
+    /// Decodes [`LiveKey::encode`]: the key, its grace secrets, and whether it is revoked.
+    pub fn decode(b: &[u8]) -> Option<(LiveKey, Vec<(SecretDigest, i64)>, bool)> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, rest) = b.split_at_checked(n)?;
+            *b = rest;
+            Some(head)
+        }
+        fn arr<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+            take(b, N)?.try_into().ok()
+        }
+        let mut b = b;
+        let [version, role, flags] = arr::<3>(&mut b)?;
+        if version != 1 {
+            return None;
+        }
+        let role = match role {
+            0 => Role::Admin,
+            1 => Role::Operator,
+            2 => Role::Viewer,
+            _ => return None,
+        };
+        let expires = i64::from_le_bytes(arr(&mut b)?);
+        let [kind] = arr::<1>(&mut b)?;
+        let requests = u32::from_le_bytes(arr(&mut b)?);
+        let period = u64::from_le_bytes(arr(&mut b)?);
+        let rate_limit = match kind {
+            0 => None,
+            1 => Some(None),
+            _ => Some(Some(Limit {
+                requests,
+                period: std::time::Duration::from_nanos(period),
+            })),
+        };
+        let digest: SecretDigest = arr(&mut b)?;
+        let [n_grace] = arr::<1>(&mut b)?;
+        let mut grace = Vec::with_capacity(n_grace as usize);
+        for _ in 0..n_grace {
+            grace.push((arr(&mut b)?, i64::from_le_bytes(arr(&mut b)?)));
+        }
+        let mut ends = [0u16; 5];
+        for e in &mut ends {
+            *e = u16::from_le_bytes(arr(&mut b)?);
+        }
+        if ends.windows(2).any(|w| w[0] > w[1]) || ends[4] as usize != b.len() {
+            return None;
+        }
+        let key = LiveKey {
+            digest,
+            text: Bytes::copy_from_slice(b),
+            ends,
+            role,
+            all_deployments: flags & 1 != 0,
+            expires_at: (expires != i64::MIN).then_some(expires),
+            rate_limit,
+        };
+        Some((key, grace, flags & 2 != 0))
+    }
+
+    fn range(&self, i: usize) -> Range<usize> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        start..self.ends[i] as usize
+    }
+
+    fn field(&self, i: usize) -> &str {
+        std::str::from_utf8(&self.text[self.range(i)]).unwrap_or("")
+    }
+
+    fn header(&self, i: usize) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.text.slice(self.range(i)))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    /// The key id (shares this key's buffer).
+    pub fn id(&self) -> KeyId {
+        KeyId(self.text.slice(self.range(ID)))
+    }
+
+    /// The key id as text.
+    pub fn id_str(&self) -> &str {
+        self.field(ID)
+    }
+
+    /// The granted scopes.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.field(SCOPES).split(',').filter(|s| !s.is_empty())
+    }
+
+    /// `X-Keygate-Key-Id`.
+    pub fn hv_id(&self) -> HeaderValue {
+        self.header(ID)
+    }
+
+    /// `X-Keygate-Key-Name`.
+    pub fn hv_name(&self) -> HeaderValue {
+        self.header(NAME)
+    }
+
+    /// `X-Keygate-Owner`.
+    pub fn hv_owner(&self) -> HeaderValue {
+        self.header(OWNER)
+    }
+
+    /// `X-Keygate-Role`.
+    pub fn hv_role(&self) -> HeaderValue {
+        HeaderValue::from_static(self.role.as_str())
+    }
+
+    /// `X-Keygate-Scopes`.
+    pub fn hv_scopes(&self) -> HeaderValue {
+        self.header(SCOPES)
     }
 
     /// True when the key may be used on `deployment`.
     pub fn allows_deployment(&self, deployment: &str) -> bool {
         self.role == Role::Admin
-            || match &self.deployments {
-                None => true,
-                Some(list) => list.iter().any(|d| &**d == deployment),
-            }
+            || self.all_deployments
+            || self.field(DEPLOYMENTS).split(',').any(|d| d == deployment)
     }
 
     /// True when the key grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.role == Role::Admin || self.scopes.iter().any(|s| &**s == scope || &**s == "*")
+        self.role == Role::Admin || self.scopes().any(|s| s == scope || s == "*")
     }
 
     /// The scopes as owned strings (for error bodies).
     pub fn scope_list(&self) -> Vec<String> {
-        self.scopes.iter().map(|s| s.to_string()).collect()
+        self.scopes().map(str::to_string).collect()
     }
 }
 
-/// One digest's entry.
+/// One digest's entry as found by a lookup.
 #[derive(Debug, Clone)]
 pub struct IndexEntry {
-    /// The full digest, compared in constant time after the hash lookup.
-    pub digest: SecretDigest,
     /// The key.
     pub key: Arc<LiveKey>,
     /// For a rotated-out secret in its grace period: Unix seconds it stops working.
     pub valid_until: Option<i64>,
 }
 
+/// Hashes a u64 tag to itself: the tag is already a slice of a SHA-256 output.
+#[derive(Default)]
+pub struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn tag(d: &SecretDigest) -> u64 {
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 /// The in-memory digest → key index.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KeyIndex {
-    map: DashMap<SecretDigest, IndexEntry>,
+    /// Current secrets by digest tag.
+    main: DashMap<u64, Arc<LiveKey>, BuildHasherDefault<TagHasher>>,
+    /// Grace-period secrets and tag collisions, by full digest.
+    side: DashMap<SecretDigest, IndexEntry>,
+    side_len: AtomicUsize,
+}
+
+impl std::fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIndex")
+            .field("len", &self.len())
+            .finish()
+    }
 }
 
 impl KeyIndex {
@@ -114,24 +381,83 @@ impl KeyIndex {
         Self::default()
     }
 
+    /// An empty index sized for `n` keys.
+    pub fn with_capacity(n: usize) -> Self {
+        KeyIndex {
+            main: DashMap::with_capacity_and_hasher(n, BuildHasherDefault::default()),
+            ..Self::default()
+        }
+    }
+
     /// Number of digests indexed.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.main.len() + self.side_len.load(Ordering::Relaxed)
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
-    /// Finds the key for `digest` (constant-time comparison of the full digest).
+    /// Finds the key for `digest`, comparing the full digest in constant time.
     pub fn lookup(&self, digest: &SecretDigest) -> Option<IndexEntry> {
-        let entry = self.map.get(digest)?;
-        if bool::from(entry.digest.ct_eq(digest)) {
-            Some(entry.clone())
-        } else {
-            None
+        if let Some(k) = self.main.get(&tag(digest)) {
+            if bool::from(k.digest.ct_eq(digest)) {
+                return Some(IndexEntry {
+                    key: k.clone(),
+                    valid_until: None,
+                });
+            }
         }
+        if self.side_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let e = self.side.get(digest)?;
+        bool::from(e.key().ct_eq(digest)).then(|| e.value().clone())
+    }
+
+    fn side_insert(&self, d: SecretDigest, e: IndexEntry) {
+        if self.side.insert(d, e).is_none() {
+            self.side_len.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    fn side_remove(&self, d: &SecretDigest) {
+        if self.side.remove(d).is_some() {
+            self.side_len.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Indexes `key` under its current digest (or the side map on a tag collision).
+    fn insert_current(&self, key: Arc<LiveKey>) {
+        let d = key.digest;
+        let mut collided = None;
+        match self.main.entry(tag(&d)) {
+            dashmap::Entry::Occupied(mut o) => {
+                if o.get().digest == d {
+                    o.insert(key);
+                } else {
+                    collided = Some(key);
+                }
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(key);
+            }
+        }
+        if let Some(key) = collided {
+            self.side_insert(
+                d,
+                IndexEntry {
+                    key,
+                    valid_until: None,
+                },
+            );
+        }
+    }
+
+    fn remove_digest(&self, d: &SecretDigest) {
+        self.main.remove_if(&tag(d), |_, k| k.digest == *d);
+        self.side_remove(d);
     }
 
     /// Replaces `previous` by `current` (either may be absent). New digests go in before the
@@ -140,36 +466,27 @@ impl KeyIndex {
         let mut kept: Vec<SecretDigest> = Vec::new();
         if let Some(r) = current.filter(|r| r.revoked_at.is_none()) {
             let key = Arc::new(LiveKey::from_record(r));
-            if let Some(d) = unhex(&r.digest) {
-                self.map.insert(
-                    d,
-                    IndexEntry {
-                        digest: d,
-                        key: key.clone(),
-                        valid_until: None,
-                    },
-                );
-                kept.push(d);
-            }
+            kept.push(key.digest);
             for g in &r.grace {
                 if let Some(d) = unhex(&g.digest) {
-                    let until = g.valid_until.timestamp();
-                    self.map.insert(
+                    self.side_insert(
                         d,
                         IndexEntry {
-                            digest: d,
                             key: key.clone(),
-                            valid_until: Some(until),
+                            valid_until: Some(g.valid_until.timestamp()),
                         },
                     );
+                    // A secret just rotated out leaves the main map: it now has a deadline.
+                    self.main.remove_if(&tag(&d), |_, k| k.digest == d);
                     kept.push(d);
                 }
             }
+            self.insert_current(key);
         }
         if let Some(prev) = previous {
             for d in crate::store::record_digests(prev) {
                 if !kept.contains(&d) {
-                    self.map.remove(&d);
+                    self.remove_digest(&d);
                 }
             }
         }
@@ -180,5 +497,116 @@ impl KeyIndex {
         for r in records {
             self.apply(None, Some(r));
         }
+    }
+
+    /// Loads every key of `store`, streaming (no full copy of the table in memory);
+    /// returns how many keys were read.
+    pub fn load_from(
+        &self,
+        store: &crate::store::Store,
+    ) -> Result<usize, crate::store::StoreError> {
+        let mut n = 0;
+        store.for_each_live(|bytes| {
+            let (key, grace, revoked) = LiveKey::decode(bytes).ok_or_else(|| {
+                crate::store::StoreError::Corrupt("undecodable live key entry".into())
+            })?;
+            n += 1;
+            if revoked {
+                return Ok(());
+            }
+            let key = Arc::new(key);
+            for (d, until) in grace {
+                self.side_insert(
+                    d,
+                    IndexEntry {
+                        key: key.clone(),
+                        valid_until: Some(until),
+                    },
+                );
+            }
+            self.insert_current(key);
+            Ok(())
+        })?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{hex, GraceSecret, SecretHasher};
+    use chrono::Utc;
+
+    fn record(secret: &str) -> KeyRecord {
+        KeyRecord {
+            id: "key_0000000000000001".into(),
+            name: "CI pipeline".into(),
+            description: "d".into(),
+            owner: "alice".into(),
+            role: Role::Viewer,
+            scopes: vec!["read".into(), "data:read".into()],
+            deployments: vec!["a".into(), "b".into()],
+            env: "ci".into(),
+            display: "x".into(),
+            created_at: Utc::now(),
+            expires_at: Some(Utc::now()),
+            revoked_at: None,
+            rate_limit: Some("10/1m".into()),
+            digest: hex(&SecretHasher::new(None).digest(secret)),
+            grace: vec![GraceSecret {
+                digest: hex(&SecretHasher::new(None).digest("old")),
+                valid_until: Utc::now(),
+            }],
+        }
+    }
+
+    #[test]
+    fn compact_form_round_trips() {
+        let r = record("s");
+        let (k, grace, revoked) = LiveKey::decode(&LiveKey::encode(&r)).unwrap();
+        let direct = LiveKey::from_record(&r);
+        assert_eq!(k.digest, direct.digest);
+        assert_eq!(k.text, direct.text);
+        assert_eq!(k.ends, direct.ends);
+        assert_eq!(
+            (k.role, k.expires_at, k.rate_limit),
+            (direct.role, direct.expires_at, direct.rate_limit)
+        );
+        assert_eq!(grace.len(), 1);
+        assert!(!revoked);
+        assert_eq!(k.id_str(), "key_0000000000000001");
+        assert_eq!(k.hv_scopes(), "read,data:read");
+        assert!(k.allows_deployment("b") && !k.allows_deployment("c"));
+        assert!(k.has_scope("data:read") && !k.has_scope("write"));
+        let bytes = LiveKey::encode(&r);
+        assert!(LiveKey::decode(&bytes[..bytes.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn rotation_moves_the_old_secret_to_the_side_map() {
+        let index = KeyIndex::new();
+        let h = SecretHasher::new(None);
+        let mut r = record("s1");
+        r.grace.clear();
+        index.apply(None, Some(&r));
+        let prev = r.clone();
+        r.grace = vec![GraceSecret {
+            digest: r.digest.clone(),
+            valid_until: Utc::now(),
+        }];
+        r.digest = hex(&h.digest("s2"));
+        index.apply(Some(&prev), Some(&r));
+        assert_eq!(
+            index.lookup(&h.digest("s1")).unwrap().valid_until.is_some(),
+            true
+        );
+        assert_eq!(index.lookup(&h.digest("s2")).unwrap().valid_until, None);
+        let prev = r.clone();
+        r.grace.clear();
+        index.apply(Some(&prev), Some(&r));
+        assert!(index.lookup(&h.digest("s1")).is_none());
+        assert_eq!(index.len(), 1);
+        index.apply(Some(&r), None);
+        assert!(index.is_empty());
     }
 }

@@ -460,7 +460,9 @@ impl KeyManager {
             Some(g) => Some(parse_duration(g).map_err(|e| GatewayError::invalid("grace", e))?),
         };
         let mut r = prev.clone();
-        r.grace.retain(|g| g.valid_until > now);
+        // A rotation ends every earlier grace period: after a leak, rotating must kill
+        // all old secrets (only the one rotated out now may get a new grace).
+        r.grace.clear();
         if let Some(g) = grace.filter(|g| !g.is_zero()) {
             let g = chrono::Duration::from_std(g)
                 .map_err(|_| GatewayError::invalid("grace", "grace is too long"))?;

@@ -267,11 +267,11 @@ pub fn set_forwarded_headers(
 
 /// Adds the identity headers for `key` on `deployment`.
 pub fn set_identity_headers(headers: &mut HeaderMap, key: &LiveKey, deployment: &Deployment) {
-    headers.insert(&H_KEY_ID, key.hv_id.clone());
-    headers.insert(&H_KEY_NAME, key.hv_name.clone());
-    headers.insert(&H_OWNER, key.hv_owner.clone());
-    headers.insert(&H_ROLE, key.hv_role.clone());
-    headers.insert(&H_SCOPES, key.hv_scopes.clone());
+    headers.insert(&H_KEY_ID, key.hv_id());
+    headers.insert(&H_KEY_NAME, key.hv_name());
+    headers.insert(&H_OWNER, key.hv_owner());
+    headers.insert(&H_ROLE, key.hv_role());
+    headers.insert(&H_SCOPES, key.hv_scopes());
     headers.insert(&H_DEPLOYMENT, deployment.name_header.clone());
 }
 

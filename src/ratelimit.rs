@@ -14,6 +14,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+use crate::keyindex::KeyId;
 use crate::units::Limit;
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
@@ -67,7 +68,7 @@ struct Slot {
 /// Per-key limiters, created on first use and replaced when the key's limit changes.
 #[derive(Default)]
 pub struct KeyLimits {
-    slots: DashMap<Arc<str>, Arc<Slot>>,
+    slots: DashMap<KeyId, Arc<Slot>>,
     clock: DefaultClock,
 }
 
@@ -77,8 +78,8 @@ impl KeyLimits {
         Self::default()
     }
 
-    fn slot(&self, key: &Arc<str>, limit: Limit) -> Arc<Slot> {
-        if let Some(s) = self.slots.get(key) {
+    fn slot(&self, key: KeyId, limit: Limit) -> Arc<Slot> {
+        if let Some(s) = self.slots.get(&key) {
             if s.limit == limit {
                 return s.clone();
             }
@@ -88,10 +89,7 @@ impl KeyLimits {
             limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone())
                 .with_middleware(),
         });
-        let mut entry = self
-            .slots
-            .entry(key.clone())
-            .or_insert_with(|| fresh.clone());
+        let mut entry = self.slots.entry(key).or_insert_with(|| fresh.clone());
         if entry.limit != limit {
             *entry = fresh;
         }
@@ -99,7 +97,7 @@ impl KeyLimits {
     }
 
     /// Counts one request of `key` against `limit`.
-    pub fn check(&self, key: &Arc<str>, limit: Option<Limit>) -> Decision {
+    pub fn check(&self, key: KeyId, limit: Option<Limit>) -> Decision {
         let Some(limit) = limit else {
             return Decision::Unlimited;
         };
@@ -231,10 +229,10 @@ mod tests {
     #[test]
     fn exactly_n_pass_then_denied() {
         let limits = KeyLimits::new();
-        let key: Arc<str> = Arc::from("key_a");
+        let key = KeyId::from("key_a");
         let limit = Limit::parse("5/1m").unwrap();
         for i in 0..5 {
-            match limits.check(&key, limit) {
+            match limits.check(key.clone(), limit) {
                 Decision::Allowed {
                     remaining,
                     limit: 5,
@@ -243,7 +241,7 @@ mod tests {
                 other => panic!("request {i}: {other:?}"),
             }
         }
-        match limits.check(&key, limit) {
+        match limits.check(key.clone(), limit) {
             Decision::Denied {
                 retry_after,
                 limit: 5,
@@ -254,10 +252,10 @@ mod tests {
         }
         // A changed limit starts afresh.
         assert!(matches!(
-            limits.check(&key, Limit::parse("6/1m").unwrap()),
+            limits.check(key.clone(), Limit::parse("6/1m").unwrap()),
             Decision::Allowed { remaining: 5, .. }
         ));
-        assert_eq!(limits.check(&key, None), Decision::Unlimited);
+        assert_eq!(limits.check(key.clone(), None), Decision::Unlimited);
     }
 
     #[test]

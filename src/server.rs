@@ -465,12 +465,10 @@ fn bootstrap(
 /// Opens the store, loads the keys and starts the listeners and background tasks.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(Store::open(&config.store.path)?);
-    let keys = Arc::new(KeyIndex::new());
     let loaded = Instant::now();
-    let records = store.list_keys().context("loading keys")?;
-    keys.load(records.iter());
-    tracing::info!(keys = records.len(), elapsed_ms = loaded.elapsed().as_millis() as u64, store = %config.store.path.display(), "key store loaded");
-    drop(records);
+    let keys = Arc::new(KeyIndex::with_capacity(store.key_count()? as usize));
+    let count = keys.load_from(&store).context("loading keys")?;
+    tracing::info!(keys = count, elapsed_ms = loaded.elapsed().as_millis() as u64, store = %config.store.path.display(), "key store loaded");
     let usage = Arc::new(Usage::new(store.clone())?);
     let hasher = SecretHasher::from_env();
     let mut manager = KeyManager::new(store.clone(), Some(keys.clone()), hasher.clone());

@@ -6,12 +6,18 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::audit::AuditEvent;
+use crate::keyindex::LiveKey;
 use crate::keys::{unhex, KeyRecord, SecretDigest};
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const DIGESTS: TableDefinition<&[u8], &str> = TableDefinition::new("digests");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// id → the compact form the live index loads at start (see `LiveKey::encode`).
+const LIVE: TableDefinition<&str, &[u8]> = TableDefinition::new("live_keys");
+
+/// redb's page cache size.
+const STORE_CACHE_BYTES: usize = 16 << 20;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +97,12 @@ impl Store {
                 source,
             })?;
         }
-        let db = match Database::create(path) {
+        // Keys are read once at start and then served from memory: a small page cache keeps
+        // the store from holding a copy of itself in RAM.
+        let db = match redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::InUse(path.to_path_buf()))
@@ -112,6 +123,20 @@ impl Store {
         txn.open_table(DIGESTS)?;
         txn.open_table(AUDIT)?;
         txn.open_table(META)?;
+        {
+            // Stores written before the live table existed get it built once.
+            let keys = txn.open_table(KEYS)?;
+            let mut live = txn.open_table(LIVE)?;
+            if live.len()? != keys.len()? {
+                for row in keys.iter()? {
+                    let (id, v) = row?;
+                    live.insert(
+                        id.value(),
+                        LiveKey::encode(&decode_key(v.value())?).as_slice(),
+                    )?;
+                }
+            }
+        }
         txn.commit()?;
         Ok(Store {
             db,
@@ -147,6 +172,31 @@ impl Store {
             out.push(decode_key(v.value())?);
         }
         Ok(out)
+    }
+
+    /// Calls `f` with the compact live form of every key, in id order.
+    pub fn for_each_live(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LIVE)?;
+        for row in table.iter()? {
+            let (_, v) = row?;
+            f(v.value())?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every key, decoding one record at a time.
+    pub fn for_each_key(&self, mut f: impl FnMut(KeyRecord)) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        for row in table.iter()? {
+            let (_, v) = row?;
+            f(decode_key(v.value())?);
+        }
+        Ok(())
     }
 
     /// The number of keys.
@@ -191,6 +241,8 @@ impl Store {
             }
             let mut keys = txn.open_table(KEYS)?;
             keys.insert(record.id.as_str(), encode(record)?.as_slice())?;
+            txn.open_table(LIVE)?
+                .insert(record.id.as_str(), LiveKey::encode(record).as_slice())?;
             if let Some(ev) = audit {
                 append_audit_in(&txn, ev)?;
             }
@@ -205,7 +257,9 @@ impl Store {
         {
             let mut digests = txn.open_table(DIGESTS)?;
             let mut keys = txn.open_table(KEYS)?;
+            let mut live = txn.open_table(LIVE)?;
             for r in records {
+                live.insert(r.id.as_str(), LiveKey::encode(r).as_slice())?;
                 for d in record_digests(r) {
                     if digests.get(d.as_slice())?.is_some() {
                         return Err(StoreError::DuplicateDigest);
@@ -232,6 +286,7 @@ impl Store {
                 digests.remove(d.as_slice())?;
             }
             txn.open_table(KEYS)?.remove(record.id.as_str())?;
+            txn.open_table(LIVE)?.remove(record.id.as_str())?;
             if let Some(ev) = audit {
                 append_audit_in(&txn, ev)?;
             }

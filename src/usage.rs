@@ -15,6 +15,7 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::keyindex::KeyId;
 use crate::keys::{rfc3339, LastUsed};
 use crate::manage::LastUsedSource;
 use crate::store::{Store, StoreError};
@@ -72,7 +73,7 @@ impl Operation {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CounterKey {
-    key: Arc<str>,
+    key: KeyId,
     day: u32,
     deployment: Arc<str>,
     operation: Operation,
@@ -97,7 +98,7 @@ struct StoredLastUse {
 /// One request to count.
 pub struct Hit<'a> {
     /// Key id.
-    pub key: &'a Arc<str>,
+    pub key: KeyId,
     /// Deployment name.
     pub deployment: &'a Arc<str>,
     /// Operation.
@@ -126,7 +127,7 @@ pub trait UsageReader: Send + Sync {
 pub struct Usage {
     store: Arc<Store>,
     counters: DashMap<CounterKey, AtomicU64>,
-    last: DashMap<Arc<str>, LastUse>,
+    last: DashMap<KeyId, LastUse>,
     /// Held for writing across a flush (read counters → commit → subtract) and a key's
     /// deletion, and for reading while a report merges stored rows with pending counters, so
     /// that a report never sees a count twice or not at all, flushes never overlap, and a
@@ -178,10 +179,10 @@ impl Usage {
             user_agent: hit.user_agent.cloned(),
             dirty: true,
         };
-        match self.last.get_mut(hit.key) {
+        match self.last.get_mut(&hit.key) {
             Some(mut l) => *l = entry,
             None => {
-                self.last.insert(hit.key.clone(), entry);
+                self.last.insert(hit.key, entry);
             }
         }
     }
@@ -213,7 +214,7 @@ impl Usage {
                 (n > 0).then(|| (c.key().clone(), n))
             })
             .collect();
-        let mut lasts: Vec<(Arc<str>, StoredLastUse)> = Vec::new();
+        let mut lasts: Vec<(KeyId, StoredLastUse)> = Vec::new();
         for mut l in self.last.iter_mut() {
             if l.dirty {
                 l.dirty = false;
@@ -265,7 +266,7 @@ impl Usage {
     fn write(
         &self,
         deltas: &[(CounterKey, u64)],
-        lasts: &[(Arc<str>, StoredLastUse)],
+        lasts: &[(KeyId, StoredLastUse)],
     ) -> Result<(), StoreError> {
         let txn = self.store.database().begin_write()?;
         {
@@ -490,12 +491,12 @@ mod tests {
         let writer = {
             let (usage, recorded) = (usage.clone(), recorded.clone());
             std::thread::spawn(move || {
-                let id: Arc<str> = Arc::from("key_a");
+                let id = KeyId::from("key_a");
                 let dep: Arc<str> = Arc::from("app");
                 for _ in 0..N {
                     let now = Utc::now().timestamp();
                     usage.record(Hit {
-                        key: &id,
+                        key: id.clone(),
                         deployment: &dep,
                         operation: Operation::Method(Method::GET),
                         status: 200,
@@ -548,13 +549,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
         let usage = Arc::new(Usage::new(store.clone()).unwrap());
-        let id: Arc<str> = Arc::from("key_d");
+        let id = KeyId::from("key_d");
         let dep: Arc<str> = Arc::from("app");
         for round in 0..300u32 {
             for i in 0..200u32 {
                 let op = Operation::Route(Arc::from(format!("op{}", i % 50)));
                 usage.record(Hit {
-                    key: &id,
+                    key: id.clone(),
                     deployment: &dep,
                     operation: op,
                     status: 200,

@@ -1093,13 +1093,13 @@ fn pruning_removes_days_past_retention_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
     let usage = Usage::new(store.clone()).unwrap();
-    let id: Arc<str> = Arc::from("key_0000000000000001");
+    let id = keygate::keyindex::KeyId::from("key_0000000000000001");
     let dep: Arc<str> = Arc::from("app");
     let ua = HeaderValue::from_static("pruner");
     let now = Utc::now().timestamp();
     let day = 86_400;
     let hit = |ago_days: i64, status: u16| Hit {
-        key: &id,
+        key: id.clone(),
         deployment: &dep,
         operation: Operation::Method(Method::GET),
         status,

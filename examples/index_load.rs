@@ -1,0 +1,42 @@
+//! Measures start-up with a large store: the time to read every key and build the live
+//! index, and the resident memory the index takes per key.
+//! `cargo run --release --example gen_store -- /tmp/k.redb 1000000 && \
+//!  cargo run --release --example index_load -- /tmp/k.redb`
+
+use std::time::Instant;
+
+use keygate::keyindex::KeyIndex;
+use keygate::store::Store;
+
+/// Resident set size in bytes (Linux).
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn main() -> anyhow::Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: index_load STORE_PATH"))?;
+    let before = rss();
+    let started = Instant::now();
+    let store = Store::open(std::path::Path::new(&path))?;
+    // Sized up front, as `keygate serve` does, so the map grows once.
+    let index = KeyIndex::with_capacity(store.key_count()? as usize);
+    let n = index.load_from(&store)?;
+    let elapsed = started.elapsed();
+    let after = rss();
+    println!(
+        "keys: {n}\nload time: {:.3} s\nresident memory: {:.1} MiB total, {:.0} bytes per key",
+        elapsed.as_secs_f64(),
+        (after - before) as f64 / (1 << 20) as f64,
+        (after - before) as f64 / n.max(1) as f64
+    );
+    drop(index);
+    Ok(())
+}
