@@ -70,6 +70,9 @@ impl From<&str> for KeyId {
     }
 }
 
+/// A decoded live entry: the key, its grace secrets (digest, valid until), revoked or not.
+pub type Decoded = (LiveKey, Vec<(SecretDigest, i64)>, bool);
+
 /// The strings of a key, in this order, in its buffer.
 const ID: usize = 0;
 const NAME: usize = 1;
@@ -197,7 +200,7 @@ impl LiveKey {
     }
 
     /// Decodes [`LiveKey::encode`]: the key, its grace secrets, and whether it is revoked.
-    pub fn decode(b: &[u8]) -> Option<(LiveKey, Vec<(SecretDigest, i64)>, bool)> {
+    pub fn decode(b: &[u8]) -> Option<Decoded> {
         fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
             let (head, rest) = b.split_at_checked(n)?;
             *b = rest;
@@ -596,10 +599,7 @@ mod tests {
         }];
         r.digest = hex(&h.digest("s2"));
         index.apply(Some(&prev), Some(&r));
-        assert_eq!(
-            index.lookup(&h.digest("s1")).unwrap().valid_until.is_some(),
-            true
-        );
+        assert!(index.lookup(&h.digest("s1")).unwrap().valid_until.is_some());
         assert_eq!(index.lookup(&h.digest("s2")).unwrap().valid_until, None);
         let prev = r.clone();
         r.grace.clear();
