@@ -25,7 +25,12 @@
 #   TARGETS="a b c d"             which targets to measure
 #   PROFILE=0                     1: after the rounds, `perf record` keygate during one
 #                                 extra (unreported) load run and print its top symbols
+#   MAX_OTHER=15 RETRIES=1 RETRY_BUDGET=120
+#                                 a run during which other processes used more than
+#                                 MAX_OTHER % of a core is repeated (once the machine is
+#                                 quiet), up to RETRIES times, RETRY_BUDGET seconds in all
 #   SKIP_BUILD=0                  1: use the existing target/release binaries
+#                                 (with CARGO_TARGET_DIR: the binaries of another checkout)
 #   KEEP=0                        1: keep the work directory (configs, logs) at the end
 #
 # Exit status: 0 when every measured run had zero errors and zero non-2xx answers.
@@ -42,6 +47,9 @@ LOADGEN_CPU=${LOADGEN_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-1}
 TARGETS=${TARGETS:-a b c d}
 PROFILE=${PROFILE:-0}
+MAX_OTHER=${MAX_OTHER:-15}
+RETRIES=${RETRIES:-1}
+RETRY_BUDGET=${RETRY_BUDGET:-120}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP=${KEEP:-0}
 
@@ -58,10 +66,22 @@ die() {
     exit 1
 }
 
-for v in CONNECTIONS THREADS ROUNDS KEYS LOADGEN_CPU SERVER_CPU; do
+for v in CONNECTIONS THREADS ROUNDS KEYS LOADGEN_CPU SERVER_CPU MAX_OTHER RETRIES RETRY_BUDGET; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 ((ROUNDS >= 1)) || die "ROUNDS must be at least 1"
+secs_of() { # wrk duration (10, 10s, 2m, 1h) -> seconds
+    case $1 in
+    *s) echo "${1%s}" ;;
+    *m) echo $((${1%m} * 60)) ;;
+    *h) echo $((${1%h} * 3600)) ;;
+    *) echo "$1" ;;
+    esac
+}
+for v in DURATION WARMUP; do
+    [[ ${!v} =~ ^[1-9][0-9]*[smh]?$ ]] || die "$v must be a wrk duration such as 10s or 2m (got '${!v}')"
+done
+DURATION_SECS=$(secs_of "$DURATION")
 ((KEYS >= 1)) || die "KEYS must be at least 1"
 for t in $TARGETS; do
     [[ $t =~ ^[abcd]$ ]] || die "TARGETS lists a, b, c or d (got '$t')"
@@ -154,7 +174,7 @@ start() { # name cmd...: start in the background, record the pid
 show_log() { # name
     printf -- '--- last lines of %s output ---\n' "$1" >&2
     tail -n 20 "$DIR/$1.out" >&2 || true
-    for f in "$DIR/$1".error.log; do [[ -f $f ]] && tail -n 20 "$f" >&2; done
+    if [[ -f $DIR/$1.error.log ]]; then tail -n 20 "$DIR/$1.error.log" >&2; fi
     true
 }
 
@@ -186,14 +206,14 @@ for _ in range(int(sys.argv[1])):
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
     else
-        local out=() p
-        while ((${#out[@]} < $1)); do
+        local picked=() p
+        while ((${#picked[@]} < $1)); do
             p=$((20000 + RANDOM % 30000))
-            [[ " ${out[*]} " == *" $p "* ]] && continue
+            [[ " ${picked[*]} " == *" $p "* ]] && continue
             (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
-            out+=("$p")
+            picked+=("$p")
         done
-        echo "${out[*]}"
+        echo "${picked[*]}"
     fi
 }
 
@@ -314,6 +334,19 @@ cpu_counters() { # cpu: "busy total" ticks of that core from /proc/stat
     awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
+task_ticks_all() { # user+nice+system ticks of the whole machine (what processes are charged)
+    awk '$1 == "cpu" { print $2 + $3 + $4 }' /proc/stat
+}
+
+reaped_child_ticks() { # cutime+cstime of this script: includes wrk once it has been waited for
+    local stat rest f
+    stat=$(cat "/proc/$$/stat")
+    rest=${stat##*) }
+    read -r -a f <<<"$rest"
+    echo $((f[13] + f[14]))
+}
+
+# shellcheck disable=SC2046 # pgrep prints one pid per line: split on purpose
 pids_of() { # target: the pids whose CPU time is the target's (nginx: master + workers)
     case $1 in
     a) echo "$UP_PID" $(pgrep -P "$UP_PID" || true) ;;
@@ -369,18 +402,23 @@ field() { # file name: value of name=... on the RESULT line
 
 RESULTS=$DIR/results.tsv
 : >"$RESULTS"
-measure() { # target round
+# shellcheck disable=SC2086 # pid lists are split on purpose
+measure_once() { # target round: one run, its result line in $DIR/last.tsv
     local t=$1 r=$2 out=$DIR/wrk-$1-$2.txt
-    local proxy_pids up_pids p0 p1 u0 u1 l0 s0 l1 s1
+    local proxy_pids up_pids p0 p1 u0 u1 l0 s0 l1 s1 w0 w1 m0 m1
     proxy_pids=$(pids_of "$t")
     up_pids=$(pids_of a)
     p0=$(proc_ticks $proxy_pids)
     u0=$(proc_ticks $up_pids)
+    w0=$(reaped_child_ticks)
+    m0=$(task_ticks_all)
     l0=$(cpu_counters "$LOADGEN_CPU")
     s0=$(cpu_counters "$SERVER_CPU")
     run_wrk "$t" "$DURATION" "$out"
     p1=$(proc_ticks $proxy_pids)
     u1=$(proc_ticks $up_pids)
+    w1=$(reaped_child_ticks)
+    m1=$(task_ticks_all)
     l1=$(cpu_counters "$LOADGEN_CPU")
     s1=$(cpu_counters "$SERVER_CPU")
     check_alive
@@ -392,19 +430,51 @@ measure() { # target round
     non2xx=$(field "$out" non2xx)
     errs=$(($(field "$out" connect_err) + $(field "$out" read_err) + $(field "$out" write_err) + $(field "$out" timeout_err)))
     ((req > 0)) || die "no requests completed against $(label_of "$t") (see $out)"
+    local up_delta=$((u1 - u0))
+    [[ $t != a ]] || up_delta=0 # for (a) the upstream is the target, counted once
     awk -v t="$t" -v r="$r" -v req="$req" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
         -v dp=$((p1 - p0)) -v du=$((u1 - u0)) -v hz="$CLK_TCK" -v n2="$non2xx" -v e="$errs" \
-        -v l0="$l0" -v l1="$l1" -v s0="$s0" -v s1="$s1" 'BEGIN {
+        -v l0="$l0" -v l1="$l1" -v s0="$s0" -v s1="$s1" \
+        -v other=$(((m1 - m0) - (w1 - w0) - (p1 - p0) - up_delta)) 'BEGIN {
         split(l0, a, " "); split(l1, b, " "); split(s0, c, " "); split(s1, d, " ");
         lbusy = (b[2] > a[2]) ? 100 * (b[1] - a[1]) / (b[2] - a[2]) : 0;
         sbusy = (d[2] > c[2]) ? 100 * (d[1] - c[1]) / (d[2] - c[2]) : 0;
         cpu = dp * 1e6 / hz / req;
         upcpu = (t == "a") ? -1 : du * 1e6 / hz / req;
-        printf "%s\t%s\t%.1f\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.0f\t%.0f\n", t, r, rps, p50, p99, cpu, upcpu, n2, e, lbusy, sbusy
-    }' >>"$RESULTS"
-    tail -n 1 "$RESULTS" | awk -F'\t' -v label="$(label_of "$t")" '{
-        printf "    round %s  %-30s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  CPU %6.2f us/req  non-2xx %d  errors %d  (wrk core %d%%, server core %d%% busy)\n",
-            $2, label, $3, $4 / 1000, $5 / 1000, $6, $8, $9, $10, $11 }' >&2
+        # CPU charged to processes other than wrk, the proxy and the upstream, in % of one core
+        oth = (d[2] > c[2]) ? 100 * other / (d[2] - c[2]) : 0;
+        if (oth < 0) oth = 0;
+        printf "%s\t%s\t%.1f\t%d\t%d\t%.2f\t%.2f\t%d\t%d\t%.0f\t%.0f\t%.0f\n", t, r, rps, p50, p99, cpu, upcpu, n2, e, lbusy, sbusy, oth
+    }' >"$DIR/last.tsv"
+    awk -F'\t' -v label="$(label_of "$t")" '{
+        printf "    round %s  %-30s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  CPU %6.2f us/req  non-2xx %d  errors %d  (busy: wrk core %d%%, server core %d%%; other processes %d%% of a core)\n",
+            $2, label, $3, $4 / 1000, $5 / 1000, $6, $8, $9, $10, $11, $12 }' "$DIR/last.tsv" >&2
+}
+
+# A run during which other processes used more than MAX_OTHER % of a core is repeated, once
+# the machine is quiet again, up to RETRIES times, within RETRY_BUDGET seconds in all.
+RETRY_SPENT=0
+NOISY_RUNS=0
+measure() { # target round
+    local t=$1 r=$2 attempt oth started i
+    for ((attempt = 0; ; attempt++)); do
+        measure_once "$t" "$r"
+        oth=$(cut -f 12 "$DIR/last.tsv")
+        ((oth > MAX_OTHER)) || break
+        if ((attempt >= RETRIES || RETRY_SPENT >= RETRY_BUDGET)); then
+            NOISY_RUNS=$((NOISY_RUNS + 1))
+            warn "keeping a noisy run (other processes used ${oth}% of a core; no retries left)"
+            break
+        fi
+        started=$SECONDS
+        log "other processes used ${oth}% of a core during that run: waiting for a quiet machine, then repeating it"
+        for ((i = 0; i < 20; i++)); do
+            (($(idle_check) <= 10)) && break
+        done
+        RETRY_SPENT=$((RETRY_SPENT + SECONDS - started))
+    done
+    cat "$DIR/last.tsv" >>"$RESULTS"
+    RETRY_SPENT=$((RETRY_SPENT + attempt * DURATION_SECS))
 }
 
 cat >&2 <<EOF
@@ -429,8 +499,10 @@ idle_check() {
 }
 BUSY_BEFORE=$(idle_check)
 if ((BUSY_BEFORE > 10)); then
-    warn "the machine was ${BUSY_BEFORE}% busy before the runs (other processes): results will be skewed"
+    warn "the machine is ${BUSY_BEFORE}% busy with other processes; waiting up to 20 s for it to calm down"
     ps -eo pcpu=,pid=,comm= --sort=-pcpu | head -n 5 | sed 's/^/      /' >&2
+    for ((i = 0; i < 19 && BUSY_BEFORE > 10; i++)); do BUSY_BEFORE=$(idle_check); done
+    ((BUSY_BEFORE <= 10)) || warn "still ${BUSY_BEFORE}% busy: going ahead; noisy runs are repeated (MAX_OTHER, RETRIES)"
 fi
 
 log "warm-up: $WARMUP per target (not measured)"
@@ -487,7 +559,12 @@ if [[ -n ${RPS[d]:-} ]]; then
     done
     echo "keygate counted ${kg_ok:-?} 2xx requests in its metrics (warm-ups and checks included); last usage flush took ${kg_flush:-?} s"
 fi
-echo "wrk core / server core busy (median %): $(for t in $TARGETS; do printf '%s %s/%s  ' "$t" "$(median 10 "$t")" "$(median 11 "$t")"; done)"
+echo "busy % (median) wrk core / server core: $(for t in $TARGETS; do printf '%s %s/%s  ' "$t" "$(median 10 "$t")" "$(median 11 "$t")"; done)"
+other_max=$(awk -F'\t' '$12 > m { m = $12 } END { print m + 0 }' "$RESULTS")
+echo "CPU used by other processes during the runs: at most ${other_max}% of a core"
+if ((other_max > MAX_OTHER)); then
+    echo "WARNING: $NOISY_RUNS run(s) kept although other processes used up to ${other_max}% of a core: those numbers are skewed; rerun on a quiet machine"
+fi
 
 # ---------------------------------------------------------------------------------------
 # 6. Optional profile of keygate under the same load
@@ -496,8 +573,7 @@ if [[ $PROFILE == 1 && " $TARGETS " == *" d "* ]]; then
     echo
     if command -v perf >/dev/null 2>&1; then
         log "profiling keygate with perf during one extra $DURATION run (not in the table)"
-        secs=${DURATION%s}
-        [[ $secs =~ ^[0-9]+$ ]] || secs=10
+        secs=$DURATION_SECS
         start perf perf record -F 999 -p "$KEYGATE_PID" -o "$DIR/perf.data" -- sleep "$((secs > 2 ? secs - 1 : secs))"
         PERF_PID=$LAST_PID
         run_wrk d "$DURATION" "$DIR/wrk-d-profile.txt"

@@ -96,6 +96,8 @@ pub struct Gateway {
 /// What one request did, for usage, metrics and the access log.
 #[derive(Default)]
 pub struct Outcome {
+    /// Unix seconds when the decision was made (read once per request).
+    now: i64,
     key: Option<Arc<LiveKey>>,
     deployment: Option<usize>,
     operation: Option<Operation>,
@@ -274,7 +276,7 @@ impl Gateway {
                 deployment: &d.name,
                 operation: op,
                 status,
-                now: unix_now(),
+                now: if out.now != 0 { out.now } else { unix_now() },
                 ip,
                 user_agent,
             });
@@ -362,6 +364,7 @@ impl Gateway {
         out: &mut Outcome,
     ) -> Result<Arc<LiveKey>, GatewayError> {
         let cfg = &rt.config;
+        out.now = unix_now();
         let blocked = self.failed_auth.blocked(ip);
         let identified = extract_credential(headers, query, &cfg.auth).and_then(|cred| {
             if let Some(retry) = blocked {
@@ -379,7 +382,7 @@ impl Gateway {
                 hasher: &self.hasher,
                 auth: &cfg.auth,
             }
-            .identify(cred.secret, unix_now())
+            .identify(cred.secret, out.now)
         });
         let key = match identified {
             Ok(k) => k,

@@ -8,7 +8,6 @@
 //! is then compared in constant time. Secrets in a rotation grace period, and the
 //! astronomically rare 64-bit tag collision, live in a small side map.
 
-use std::borrow::Borrow;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,13 +34,7 @@ impl KeyId {
 
 impl Hash for KeyId {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
-impl Borrow<str> for KeyId {
-    fn borrow(&self) -> &str {
-        self.as_str()
+        state.write(&self.0);
     }
 }
 
@@ -311,16 +304,26 @@ impl LiveKey {
         self.header(SCOPES)
     }
 
+    /// Items of a comma-separated field, as bytes (no UTF-8 re-validation on the hot path).
+    fn items(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        self.text[self.range(i)]
+            .split(|&b| b == b',')
+            .filter(|s| !s.is_empty())
+    }
+
     /// True when the key may be used on `deployment`.
     pub fn allows_deployment(&self, deployment: &str) -> bool {
         self.role == Role::Admin
             || self.all_deployments
-            || self.field(DEPLOYMENTS).split(',').any(|d| d == deployment)
+            || self.items(DEPLOYMENTS).any(|d| d == deployment.as_bytes())
     }
 
     /// True when the key grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.role == Role::Admin || self.scopes().any(|s| s == scope || s == "*")
+        self.role == Role::Admin
+            || self
+                .items(SCOPES)
+                .any(|s| s == scope.as_bytes() || s == b"*")
     }
 
     /// The scopes as owned strings (for error bodies).
@@ -356,6 +359,27 @@ impl Hasher for TagHasher {
     }
 }
 
+/// Constant-time equality of two digests, word by word.
+fn digest_eq(a: &SecretDigest, b: &SecretDigest) -> bool {
+    let word = |d: &SecretDigest, i: usize| {
+        u64::from_le_bytes([
+            d[i],
+            d[i + 1],
+            d[i + 2],
+            d[i + 3],
+            d[i + 4],
+            d[i + 5],
+            d[i + 6],
+            d[i + 7],
+        ])
+    };
+    let mut eq = subtle::Choice::from(1u8);
+    for i in (0..32).step_by(8) {
+        eq &= word(a, i).ct_eq(&word(b, i));
+    }
+    eq.into()
+}
+
 fn tag(d: &SecretDigest) -> u64 {
     u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
@@ -366,7 +390,7 @@ pub struct KeyIndex {
     /// Current secrets by digest tag.
     main: DashMap<u64, Arc<LiveKey>, BuildHasherDefault<TagHasher>>,
     /// Grace-period secrets and tag collisions, by full digest.
-    side: DashMap<SecretDigest, IndexEntry>,
+    side: DashMap<SecretDigest, IndexEntry, foldhash::fast::RandomState>,
     side_len: AtomicUsize,
 }
 
@@ -405,7 +429,7 @@ impl KeyIndex {
     /// Finds the key for `digest`, comparing the full digest in constant time.
     pub fn lookup(&self, digest: &SecretDigest) -> Option<IndexEntry> {
         if let Some(k) = self.main.get(&tag(digest)) {
-            if bool::from(k.digest.ct_eq(digest)) {
+            if digest_eq(&k.digest, digest) {
                 return Some(IndexEntry {
                     key: k.clone(),
                     valid_until: None,
@@ -416,7 +440,7 @@ impl KeyIndex {
             return None;
         }
         let e = self.side.get(digest)?;
-        bool::from(e.key().ct_eq(digest)).then(|| e.value().clone())
+        digest_eq(e.key(), digest).then(|| e.value().clone())
     }
 
     fn side_insert(&self, d: SecretDigest, e: IndexEntry) {

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,7 +69,7 @@ struct Slot {
 /// Per-key limiters, created on first use and replaced when the key's limit changes.
 #[derive(Default)]
 pub struct KeyLimits {
-    slots: DashMap<KeyId, Arc<Slot>>,
+    slots: DashMap<KeyId, Arc<Slot>, foldhash::fast::RandomState>,
     clock: DefaultClock,
 }
 
@@ -129,7 +130,7 @@ impl KeyLimits {
 
     /// Frees the limiter of a deleted key.
     pub fn forget(&self, key: &str) {
-        self.slots.remove(key);
+        self.slots.remove(&KeyId::from(key));
     }
 
     /// Number of keys with limiter state.
@@ -153,7 +154,9 @@ struct FailLimiter {
 #[derive(Default)]
 pub struct FailedAuth {
     current: ArcSwapOption<FailLimiter>,
-    blocked_until: DashMap<IpAddr, std::time::Instant>,
+    blocked_until: DashMap<IpAddr, std::time::Instant, foldhash::fast::RandomState>,
+    /// Entries in `blocked_until`, so the common case (nobody blocked) is one atomic load.
+    blocked_count: AtomicUsize,
     clock: DefaultClock,
 }
 
@@ -178,12 +181,19 @@ impl FailedAuth {
                 })
             }));
             self.blocked_until.clear();
+            self.blocked_count.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn unblock(&self, ip: &IpAddr) {
+        if self.blocked_until.remove(ip).is_some() {
+            self.blocked_count.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Seconds the IP stays blocked, if it is.
     pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
-        if self.blocked_until.is_empty() {
+        if self.blocked_count.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let until = *self.blocked_until.get(&ip)?;
@@ -191,7 +201,7 @@ impl FailedAuth {
         if now < until {
             Some(ceil_secs(until - now).max(1))
         } else {
-            self.blocked_until.remove(&ip);
+            self.unblock(&ip);
             None
         }
     }
@@ -204,8 +214,13 @@ impl FailedAuth {
             Ok(_) => None,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
-                self.blocked_until
-                    .insert(ip, std::time::Instant::now() + wait);
+                if self
+                    .blocked_until
+                    .insert(ip, std::time::Instant::now() + wait)
+                    .is_none()
+                {
+                    self.blocked_count.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(ceil_secs(wait).max(1))
             }
         }
@@ -218,7 +233,13 @@ impl FailedAuth {
             fl.limiter.shrink_to_fit();
         }
         let now = std::time::Instant::now();
-        self.blocked_until.retain(|_, until| *until > now);
+        self.blocked_until.retain(|_, until| {
+            let keep = *until > now;
+            if !keep {
+                self.blocked_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
     }
 }
 

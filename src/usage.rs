@@ -53,12 +53,25 @@ fn day_date(day: u32) -> NaiveDate {
 }
 
 /// The operation a request counts under: a route's name, or the method when no rule matched.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+// Equality only adds a pointer fast path to content equality, so the derived Hash agrees.
+#[allow(clippy::derived_hash_with_manual_eq)]
+#[derive(Debug, Clone, Eq, Hash)]
 pub enum Operation {
     /// A named route rule.
     Route(Arc<str>),
     /// No rule: the method.
     Method(Method),
+}
+
+impl PartialEq for Operation {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            // Within one configuration the same name is the same allocation: skip the compare.
+            (Operation::Route(a), Operation::Route(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Operation::Method(a), Operation::Method(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Operation {
@@ -71,13 +84,24 @@ impl Operation {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[allow(clippy::derived_hash_with_manual_eq)]
+#[derive(Debug, Clone, Eq, Hash)]
 struct CounterKey {
     key: KeyId,
     day: u32,
     deployment: Arc<str>,
     operation: Operation,
     class: u8,
+}
+
+impl PartialEq for CounterKey {
+    fn eq(&self, o: &Self) -> bool {
+        self.day == o.day
+            && self.class == o.class
+            && self.key == o.key
+            && (Arc::ptr_eq(&self.deployment, &o.deployment) || self.deployment == o.deployment)
+            && self.operation == o.operation
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -126,8 +150,8 @@ pub trait UsageReader: Send + Sync {
 /// Usage counters and their persistence.
 pub struct Usage {
     store: Arc<Store>,
-    counters: DashMap<CounterKey, AtomicU64>,
-    last: DashMap<KeyId, LastUse>,
+    counters: DashMap<CounterKey, AtomicU64, foldhash::fast::RandomState>,
+    last: DashMap<KeyId, LastUse, foldhash::fast::RandomState>,
     /// Held for writing across a flush (read counters → commit → subtract) and a key's
     /// deletion, and for reading while a report merges stored rows with pending counters, so
     /// that a report never sees a count twice or not at all, flushes never overlap, and a
@@ -146,8 +170,8 @@ impl Usage {
         txn.commit()?;
         Ok(Usage {
             store,
-            counters: DashMap::new(),
-            last: DashMap::new(),
+            counters: DashMap::default(),
+            last: DashMap::default(),
             flush_lock: RwLock::new(()),
             last_flush_micros: AtomicU64::new(0),
         })
@@ -320,7 +344,7 @@ impl Usage {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.counters.retain(|k, _| &*k.key != id);
-        self.last.remove(id);
+        self.last.remove(&KeyId::from(id));
         let txn = self.store.database().begin_write()?;
         {
             let mut usage = txn.open_table(USAGE)?;
@@ -374,7 +398,7 @@ impl Usage {
     }
 
     fn stored_last(&self, id: &str) -> Option<StoredLastUse> {
-        if let Some(l) = self.last.get(id) {
+        if let Some(l) = self.last.get(&KeyId::from(id)) {
             return Some(StoredLastUse {
                 at: l.at,
                 ip: l.ip.to_string(),
