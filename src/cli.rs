@@ -614,7 +614,12 @@ impl Ctx {
             Err(StoreError::InUse(_)) => {
                 Backend::Remote(AdminClient::new(&config, admin_key_file).map_err(Failure::error)?)
             }
-            Err(e) => return Err(Failure::error(e)),
+            // A store this user may not open (e.g. the service's private state directory) is
+            // still managed through the admin API when an admin key is at hand.
+            Err(e) => match AdminClient::new(&config, admin_key_file) {
+                Ok(client) => Backend::Remote(client),
+                Err(_) => return Err(Failure::error(e)),
+            },
         };
         Ok(Ctx {
             config,
