@@ -116,6 +116,12 @@ if [[ $SKIP_BUILD != 1 ]]; then
         die "cargo build failed (see above)"
 fi
 [[ -x $KEYGATE ]] || die "$KEYGATE not found (build it, or unset SKIP_BUILD)"
+KEYGATE_DESC=$("$KEYGATE" --version 2>/dev/null || echo keygate)
+if [[ $SKIP_BUILD != 1 ]] && command -v git >/dev/null 2>&1; then
+    KEYGATE_DESC="$KEYGATE_DESC, built from $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo "an unknown commit")"
+else
+    KEYGATE_DESC="$KEYGATE_DESC, $KEYGATE"
+fi
 [[ -x $GEN_STORE ]] || die "$GEN_STORE not found (cargo build --release --example gen_store)"
 
 # ---------------------------------------------------------------------------------------
@@ -531,6 +537,7 @@ declare -A RPS=() CPU=()
 echo
 echo "keygate load comparison — $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), $NPROC cores"
 echo "wrk -t $THREADS -c $CONNECTIONS -d $DURATION, GET / with a random X-API-Key of $KEYS; $ROUNDS interleaved round(s), medians"
+echo "keygate: $KEYGATE_DESC"
 echo "cores: wrk on CPU $LOADGEN_CPU; proxy under test + upstream nginx share CPU $SERVER_CPU (1 worker/thread each)"
 echo "no access logs: nginx access_log off, HAProxy no log, keygate log level \"warn\""
 echo "machine busy before the runs: ${BUSY_BEFORE}% (our servers idle; above ~10% the numbers are skewed)"

@@ -608,7 +608,7 @@ async fn usage_flusher(gateway: Arc<Gateway>) {
         let usage = gateway.usage.clone();
         let prune = last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600));
         let result = tokio::task::spawn_blocking(move || {
-            let flushed = usage.flush();
+            let flushed = usage.flush_due();
             let pruned = if prune {
                 Some(usage.prune(retention))
             } else {

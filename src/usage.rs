@@ -110,7 +110,13 @@ struct LastUse {
     ip: IpAddr,
     user_agent: Option<HeaderValue>,
     dirty: bool,
+    /// `at` as last written to the store.
+    stored_at: i64,
 }
+
+/// A busy key's last-use row is rewritten at most this often by the periodic flush (reports
+/// read the in-memory value, and shutdown writes everything).
+const LAST_USED_PERSIST_SECS: i64 = 30;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredLastUse {
@@ -197,15 +203,23 @@ impl Usage {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let entry = LastUse {
-            at: hit.now,
-            ip: hit.ip,
-            user_agent: hit.user_agent.cloned(),
-            dirty: true,
-        };
         match self.last.get_mut(&hit.key) {
-            Some(mut l) => *l = entry,
+            Some(mut l) => {
+                l.at = hit.now;
+                l.ip = hit.ip;
+                if l.user_agent.as_ref() != hit.user_agent {
+                    l.user_agent = hit.user_agent.cloned();
+                }
+                l.dirty = true;
+            }
             None => {
+                let entry = LastUse {
+                    at: hit.now,
+                    ip: hit.ip,
+                    user_agent: hit.user_agent.cloned(),
+                    dirty: true,
+                    stored_at: i64::MIN,
+                };
                 self.last.insert(hit.key, entry);
             }
         }
@@ -225,6 +239,16 @@ impl Usage {
     /// the commit, so a crash or a failed write loses nothing that was counted before the
     /// flush began, and failures leave the counts for the next try.
     pub fn flush(&self) -> Result<u64, StoreError> {
+        self.flush_with(true)
+    }
+
+    /// The periodic flush: every count, but a busy key's last-use row only every
+    /// [`LAST_USED_PERSIST_SECS`] (it is the bulk of a flush with many active keys).
+    pub fn flush_due(&self) -> Result<u64, StoreError> {
+        self.flush_with(false)
+    }
+
+    fn flush_with(&self, all_last_used: bool) -> Result<u64, StoreError> {
         let _guard = self
             .flush_lock
             .write()
@@ -240,8 +264,10 @@ impl Usage {
             .collect();
         let mut lasts: Vec<(KeyId, StoredLastUse)> = Vec::new();
         for mut l in self.last.iter_mut() {
-            if l.dirty {
+            let due = all_last_used || l.at.saturating_sub(l.stored_at) >= LAST_USED_PERSIST_SECS;
+            if l.dirty && due {
                 l.dirty = false;
+                l.stored_at = l.at;
                 let ua = l
                     .user_agent
                     .as_ref()
