@@ -14,9 +14,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use keygate::config::Config;
 use keygate::gateway::{Gateway, Outcome};
 use keygate::keyindex::KeyIndex;
-use keygate::keys::{
-    display_secret, generate_id, generate_secret, hex, KeyRecord, Role, SecretHasher,
-};
+use keygate::keys::{KeyRecord, Role, SecretHasher};
 use keygate::proxy::{self, ConnInfo};
 use keygate::store::Store;
 use keygate::usage::Usage;
@@ -39,28 +37,18 @@ fn gateway(n: usize, dir: &std::path::Path) -> (Gateway, Vec<String>) {
     let config = Config::parse(&dir.join("gateway.toml"), CONFIG).expect("bench config");
     let hasher = SecretHasher::new(None);
     let index = Arc::new(KeyIndex::new());
-    let now = Utc::now();
     let mut secrets = Vec::new();
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
-        let secret = generate_secret("kg", "prod").expect("entropy");
-        batch.push(KeyRecord {
-            id: generate_id().expect("entropy"),
-            name: format!("key {i}"),
-            description: String::new(),
-            owner: "bench".into(),
-            role: Role::Operator,
-            scopes: vec!["read".into()],
-            deployments: vec!["app".into()],
-            env: "prod".into(),
-            display: display_secret(&secret, "kg", "prod"),
-            created_at: now,
-            expires_at: None,
-            revoked_at: None,
-            rate_limit: None,
-            digest: hex(&hasher.digest(&secret)),
-            grace: vec![],
-        });
+        let (record, secret) = KeyRecord::issue(
+            format!("key {i}"),
+            Role::Operator,
+            vec!["read".into()],
+            vec!["app".into()],
+            &hasher,
+        )
+        .expect("entropy");
+        batch.push(record);
         if secrets.len() < 1024 {
             secrets.push(secret);
         }
@@ -168,24 +156,14 @@ fn revocation(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (gw, _) = gateway(1_000_000, dir.path());
     let hasher = SecretHasher::new(None);
-    let secret = generate_secret("kg", "prod").expect("entropy");
-    let active = KeyRecord {
-        id: generate_id().expect("entropy"),
-        name: "victim".into(),
-        description: String::new(),
-        owner: "bench".into(),
-        role: Role::Operator,
-        scopes: vec![],
-        deployments: vec!["*".into()],
-        env: "prod".into(),
-        display: display_secret(&secret, "kg", "prod"),
-        created_at: Utc::now(),
-        expires_at: None,
-        revoked_at: None,
-        rate_limit: None,
-        digest: hex(&hasher.digest(&secret)),
-        grace: vec![],
-    };
+    let (active, secret) = KeyRecord::issue(
+        "victim".into(),
+        Role::Operator,
+        vec![],
+        vec!["*".into()],
+        &hasher,
+    )
+    .expect("entropy");
     let mut revoked = active.clone();
     revoked.revoked_at = Some(Utc::now());
     let digest = hasher.digest(&secret);

@@ -4,14 +4,11 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use chrono::Utc;
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use keygate::config::Config;
 use keygate::gateway::{Gateway, Outcome};
 use keygate::keyindex::KeyIndex;
-use keygate::keys::{
-    display_secret, generate_id, generate_secret, hex, KeyRecord, Role, SecretHasher,
-};
+use keygate::keys::{KeyRecord, Role, SecretHasher};
 use keygate::store::Store;
 use keygate::usage::Usage;
 
@@ -33,24 +30,13 @@ fn main() -> anyhow::Result<()> {
     let index = Arc::new(KeyIndex::with_capacity(n));
     let mut secrets = Vec::new();
     for i in 0..n {
-        let secret = generate_secret("kg", "prod")?;
-        let r = KeyRecord {
-            id: generate_id()?,
-            name: format!("key {i}"),
-            description: String::new(),
-            owner: "bench".into(),
-            role: Role::Operator,
-            scopes: vec!["read".into()],
-            deployments: vec!["app".into()],
-            env: "prod".into(),
-            display: display_secret(&secret, "kg", "prod"),
-            created_at: Utc::now(),
-            expires_at: None,
-            revoked_at: None,
-            rate_limit: None,
-            digest: hex(&hasher.digest(&secret)),
-            grace: vec![],
-        };
+        let (r, secret) = KeyRecord::issue(
+            format!("key {i}"),
+            Role::Operator,
+            vec!["read".into()],
+            vec!["app".into()],
+            &hasher,
+        )?;
         index.apply(None, Some(&r));
         if secrets.len() < 1024 {
             secrets.push(secret);

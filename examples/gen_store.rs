@@ -5,10 +5,7 @@
 
 use std::io::Write;
 
-use chrono::Utc;
-use keygate::keys::{
-    display_secret, generate_id, generate_secret, hex, KeyRecord, Role, SecretHasher,
-};
+use keygate::keys::{KeyRecord, Role, SecretHasher};
 use keygate::store::Store;
 
 fn main() -> anyhow::Result<()> {
@@ -23,27 +20,16 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => None,
     };
-    let now = Utc::now();
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..count {
-        let secret = generate_secret("kg", "prod")?;
-        batch.push(KeyRecord {
-            id: generate_id()?,
-            name: format!("bench key {i}"),
-            description: String::new(),
-            owner: "bench".into(),
-            role: Role::Operator,
-            scopes: vec!["read".into(), "write".into()],
-            deployments: vec!["*".into()],
-            env: "prod".into(),
-            display: display_secret(&secret, "kg", "prod"),
-            created_at: now,
-            expires_at: None,
-            revoked_at: None,
-            rate_limit: None,
-            digest: hex(&hasher.digest(&secret)),
-            grace: vec![],
-        });
+        let (record, secret) = KeyRecord::issue(
+            format!("bench key {i}"),
+            Role::Operator,
+            vec!["read".into(), "write".into()],
+            vec!["*".into()],
+            &hasher,
+        )?;
+        batch.push(record);
         if let Some(w) = secrets.as_mut() {
             writeln!(w, "{secret}")?;
         }

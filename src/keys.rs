@@ -269,6 +269,39 @@ pub struct KeyRecord {
     pub grace: Vec<GraceSecret>,
 }
 
+impl KeyRecord {
+    /// A fresh active record with a new id and secret, no expiry and no own limit (bulk
+    /// import, benchmarks, tests); returns it with its secret. The admin path builds records
+    /// through `manage`, which also validates.
+    pub fn issue(
+        name: String,
+        role: Role,
+        scopes: Vec<String>,
+        deployments: Vec<String>,
+        hasher: &SecretHasher,
+    ) -> Result<(KeyRecord, String), getrandom::Error> {
+        let secret = generate_secret("kg", "prod")?;
+        let record = KeyRecord {
+            id: generate_id()?,
+            name,
+            description: String::new(),
+            owner: "bench".into(),
+            role,
+            scopes,
+            deployments,
+            env: "prod".into(),
+            display: display_secret(&secret, "kg", "prod"),
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            rate_limit: None,
+            digest: hex(&hasher.digest(&secret)),
+            grace: vec![],
+        };
+        Ok((record, secret))
+    }
+}
+
 /// Formats a time as RFC 3339 UTC with second precision.
 pub fn rfc3339(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
