@@ -119,8 +119,16 @@ impl LiveKey {
                 }
                 text.extend(header_safe(p));
             }
-            // Strings are capped well below 64 KiB on create; truncate anything older.
-            text.truncate(start + (text.len() - start).min(u16::MAX as usize / 8));
+            // Strings are capped well below this on create; anything larger (older records) is
+            // cut at an item boundary, so a cut never forms a different, shorter name.
+            let cap = u16::MAX as usize / 8;
+            if text.len() - start > cap {
+                let cut = text[start..start + cap]
+                    .iter()
+                    .rposition(|&b| b == b',')
+                    .unwrap_or(0);
+                text.truncate(start + cut);
+            }
             ends[i] = text.len() as u16;
         };
         push(ID, &mut std::iter::once(r.id.as_str()), &mut text);
@@ -632,5 +640,31 @@ mod tests {
         assert_eq!(index.len(), 1);
         index.apply(Some(&r), None);
         assert!(index.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+    use crate::keys::{KeyRecord, Role, SecretHasher};
+
+    #[test]
+    fn oversized_lists_are_cut_at_an_item_boundary() {
+        let (mut r, _) = KeyRecord::issue(
+            "n".into(),
+            Role::Operator,
+            vec![],
+            vec!["*".into()],
+            &SecretHasher::new(None),
+        )
+        .unwrap();
+        r.scopes = (0..2000).map(|i| format!("scope-{i:05}")).collect();
+        let k = LiveKey::from_record(&r);
+        let kept: Vec<&str> = k.scopes().collect();
+        assert!(!kept.is_empty() && kept.len() < 2000);
+        assert!(
+            kept.iter().all(|s| s.len() == "scope-00000".len()),
+            "a cut item survived"
+        );
     }
 }

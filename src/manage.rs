@@ -168,9 +168,18 @@ fn clean_list(field: &str, items: &[String]) -> std::result::Result<Vec<String>,
         if !out.iter().any(|o| o == item) {
             out.push(item.to_string());
         }
+        if out.len() > MAX_LIST_ITEMS {
+            return Err(GatewayError::invalid(
+                field,
+                format!("{field} may list at most {MAX_LIST_ITEMS} entries"),
+            ));
+        }
     }
     Ok(out)
 }
+
+/// Most scopes or deployments one key may list (keeps a key's strings small for the index).
+const MAX_LIST_ITEMS: usize = 32;
 
 fn normalize_limit(text: &str) -> std::result::Result<Option<String>, GatewayError> {
     let t = text.trim();

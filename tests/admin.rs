@@ -2056,3 +2056,16 @@ async fn failed_admin_logins_are_locked_out_per_ip() {
         "blocked attempts must not fill the audit trail"
     );
 }
+
+#[tokio::test]
+async fn a_key_lists_at_most_32_scopes() {
+    let gw = start_gateway("echo", EXTRA).await;
+    let admin = Admin::of(&gw);
+    let scopes: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+    let a = admin
+        .post("/v1/keys", json!({"name": "many", "scopes": scopes}))
+        .await;
+    assert_invalid(&a, "scopes", "33 scopes");
+    let ok: Vec<String> = (0..32).map(|i| format!("s{i}")).collect();
+    admin.create(json!({"name": "enough", "scopes": ok})).await;
+}
