@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,16 +15,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{get, send, Answer};
-use http::{Method, Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use common::{gated_upstream, get, send, Answer};
+use http::Method;
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 /// Longest a CLI command may take (the machine may be busy compiling).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -761,65 +755,9 @@ impl Drop for Serve {
     }
 }
 
-/// An upstream whose `/slow` requests report their arrival and then wait until released
-/// (or `ms` milliseconds, a safety net); everything else answers 200 "ok".
-struct SlowUpstream {
-    addr: SocketAddr,
-    arrived: mpsc::UnboundedReceiver<()>,
-    release: Arc<Notify>,
-}
-
-async fn slow_upstream() -> SlowUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (arrived_tx, arrived) = mpsc::unbounded_channel();
-    let release = Arc::new(Notify::new());
-    let rel = release.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
-                    async move {
-                        if req.uri().path() == "/slow" {
-                            let ms: u64 = req
-                                .uri()
-                                .query()
-                                .and_then(|q| q.strip_prefix("ms="))
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(1500);
-                            let _ = arrived_tx.send(());
-                            tokio::select! {
-                                _ = rel.notified() => {}
-                                _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                            }
-                            return Ok::<_, Infallible>(Response::new(Full::new(
-                                Bytes::from_static(b"slow done"),
-                            )));
-                        }
-                        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    SlowUpstream {
-        addr,
-        arrived,
-        release,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_drains_in_flight_requests_on_sigterm() {
-    let mut up = slow_upstream().await;
+    let mut up = gated_upstream().await;
     let env = Env::new(&format!(
         "[rate_limit]\ndefault = \"none\"\n\n[[deployments]]\nname = \"app\"\nupstream = \"http://{}\"\n",
         up.addr

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -19,19 +18,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{config_text, get, start_gateway_with, start_upstream, Answer, TestGateway};
+use common::{
+    config_text, gated_upstream, get, start_gateway_with, start_upstream, Answer, TestGateway,
+};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 /// Longest wait for a change to take effect (a reload, a certificate swap, a drain).
@@ -1254,56 +1254,6 @@ async fn proxy_protocol_header_precedes_the_tls_handshake() {
 // ---------------------------------------------------------------------------------------
 // 7. Readiness during a graceful shutdown
 // ---------------------------------------------------------------------------------------
-
-/// An upstream whose `/slow` requests report their arrival and then wait until released
-/// (or 30 s, a safety net); everything else answers 200 "ok".
-struct GatedUpstream {
-    addr: SocketAddr,
-    arrived: mpsc::UnboundedReceiver<()>,
-    release: Arc<Notify>,
-}
-
-async fn gated_upstream() -> GatedUpstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (arrived_tx, arrived) = mpsc::unbounded_channel();
-    let release = Arc::new(Notify::new());
-    let rel = release.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
-                    async move {
-                        if req.uri().path() == "/slow" {
-                            let _ = arrived_tx.send(());
-                            tokio::select! {
-                                _ = rel.notified() => {}
-                                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                            }
-                            return Ok::<_, Infallible>(Response::new(Full::new(
-                                Bytes::from_static(b"slow done"),
-                            )));
-                        }
-                        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    GatedUpstream {
-        addr,
-        arrived,
-        release,
-    }
-}
 
 fn readyz() -> Request<Full<Bytes>> {
     Request::get("/readyz")

@@ -295,5 +295,61 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answ
     send(addr, Method::GET, path, headers, Bytes::new()).await
 }
 
+/// An upstream whose `/slow` requests report their arrival and then wait until released
+/// (or `?ms=` milliseconds, 30 s by default: a safety net); everything else answers 200 "ok".
+pub struct GatedUpstream {
+    pub addr: SocketAddr,
+    pub arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+pub async fn gated_upstream() -> GatedUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let rel = release.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (arrived_tx, rel) = (arrived_tx.clone(), rel.clone());
+                    async move {
+                        if req.uri().path() == "/slow" {
+                            let ms: u64 = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("ms="))
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(30_000);
+                            let _ = arrived_tx.send(());
+                            tokio::select! {
+                                _ = rel.notified() => {}
+                                _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                            }
+                            return Ok::<_, Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"slow done"),
+                            )));
+                        }
+                        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    GatedUpstream {
+        addr,
+        arrived,
+        release,
+    }
+}
+
 /// Keeps `Arc` in scope for tests that share state.
 pub type Shared<T> = Arc<T>;
