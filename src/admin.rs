@@ -14,11 +14,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::audit::Actor;
-use crate::auth::{extract_credential, Verifier};
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::keys::check_secret_format;
 use crate::keys::Role;
 use crate::manage::{KeyManager, KeySpec, ListFilter, ManageError, VerifyRequest};
 use crate::proxy::{self, ConnInfo};
@@ -149,29 +147,13 @@ impl AdminApi {
     /// Authenticates an admin request; records failed attempts in the audit trail.
     fn authenticate(&self, req: &Request<Incoming>, ip: IpAddr) -> Result<Actor, GatewayError> {
         let rt = self.gateway.runtime.load();
-        let cfg = &rt.config;
-        // The admin API never takes keys from the query string: URLs end up in logs.
-        let mut auth = cfg.auth.clone();
-        auth.query_param = None;
-        // Failed admin logins share the data plane's per-IP lockout: a blocked address gets
-        // no lookup for credentials that cannot be keys, and no more audit events; a valid
-        // admin key from it still works.
-        let blocked = self.gateway.failed_auth.blocked(ip);
-        let outcome = extract_credential(req.headers(), None, &auth).and_then(|cred| {
-            if let Some(retry) = blocked {
-                if check_secret_format(cred.secret, &auth.prefix, &auth.environments).is_none() {
-                    return Err(GatewayError::TooManyFailures {
-                        retry_after_seconds: retry,
-                    });
-                }
-            }
-            let verifier = Verifier {
-                index: &self.gateway.keys,
-                hasher: &self.gateway.hasher,
-                auth: &auth,
-            };
-            verifier.identify(cred.secret, chrono::Utc::now().timestamp())
-        });
+        // The admin API never takes keys from the query string (URLs end up in logs), and it
+        // shares the data plane's per-IP lockout, where every failed admin login counts; a
+        // locked address adds no more audit events, while a valid admin key from it works.
+        let now = chrono::Utc::now().timestamp();
+        let outcome =
+            self.gateway
+                .identify_guarded(&rt.config.auth, req.headers(), None, ip, now, |_| true);
         let ip_text = ip.to_string();
         match outcome {
             Ok(key) if key.role == Role::Admin => Ok(Actor {
@@ -187,12 +169,6 @@ impl AdminApi {
             }
             Err(e @ GatewayError::TooManyFailures { .. }) => Err(e),
             Err(e) => {
-                if let Some(retry) = blocked.or_else(|| self.gateway.failed_auth.record_failure(ip))
-                {
-                    return Err(GatewayError::TooManyFailures {
-                        retry_after_seconds: retry,
-                    });
-                }
                 self.audit_failure(&ip_text, None);
                 Err(e)
             }

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{authorize, extract_credential, Verifier};
 use crate::body::{self, Body};
-use crate::config::{Config, Upstream};
+use crate::config::{AuthConfig, Config, Upstream};
 use crate::error::GatewayError;
 use crate::keyindex::{KeyIndex, LiveKey};
 use crate::keys::{check_secret_format, SecretHasher};
@@ -250,6 +250,46 @@ impl Gateway {
         resp
     }
 
+    /// Credential → live key under the per-IP failed-auth lockout, shared by the data plane
+    /// and the admin API: a locked address gets 429 without a lookup for credentials that
+    /// cannot be keys; failures for which `counts` holds are counted and become 429 once the
+    /// address is over its limit.
+    pub fn identify_guarded(
+        &self,
+        auth: &AuthConfig,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        ip: IpAddr,
+        now: i64,
+        counts: fn(&GatewayError) -> bool,
+    ) -> Result<Arc<LiveKey>, GatewayError> {
+        let blocked = self.failed_auth.blocked(ip);
+        let identified = extract_credential(headers, query, auth).and_then(|cred| {
+            if let Some(retry) = blocked {
+                if check_secret_format(cred.secret, &auth.prefix, &auth.environments).is_none() {
+                    return Err(GatewayError::TooManyFailures {
+                        retry_after_seconds: retry,
+                    });
+                }
+            }
+            Verifier {
+                index: &self.keys,
+                hasher: &self.hasher,
+                auth,
+            }
+            .identify(cred.secret, now)
+        });
+        match identified {
+            Err(e) if counts(&e) => match self.failed_auth.record_failure(ip).or(blocked) {
+                Some(retry) => Err(GatewayError::TooManyFailures {
+                    retry_after_seconds: retry,
+                }),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
     /// Counts a finished request: per-deployment and auth metrics, and the key's usage.
     /// Memory only: no I/O, no lock held beyond a map shard.
     pub fn account(
@@ -365,37 +405,14 @@ impl Gateway {
     ) -> Result<Arc<LiveKey>, GatewayError> {
         let cfg = &rt.config;
         out.now = unix_now();
-        let blocked = self.failed_auth.blocked(ip);
-        let identified = extract_credential(headers, query, &cfg.auth).and_then(|cred| {
-            if let Some(retry) = blocked {
-                // A blocked address gets no key lookup for credentials that cannot be keys.
-                if check_secret_format(cred.secret, &cfg.auth.prefix, &cfg.auth.environments)
-                    .is_none()
-                {
-                    return Err(GatewayError::TooManyFailures {
-                        retry_after_seconds: retry,
-                    });
-                }
-            }
-            Verifier {
-                index: &self.keys,
-                hasher: &self.hasher,
-                auth: &cfg.auth,
-            }
-            .identify(cred.secret, out.now)
-        });
-        let key = match identified {
-            Ok(k) => k,
-            Err(e) if counts_as_failed_auth(&e) => {
-                if let Some(retry) = self.failed_auth.record_failure(ip).or(blocked) {
-                    return Err(GatewayError::TooManyFailures {
-                        retry_after_seconds: retry,
-                    });
-                }
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
+        let key = self.identify_guarded(
+            &cfg.auth,
+            headers,
+            query,
+            ip,
+            out.now,
+            counts_as_failed_auth,
+        )?;
         out.key = Some(key.clone());
         authorize(&key, m.deployment, m.route, method)?;
         let decision = self

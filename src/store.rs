@@ -188,17 +188,6 @@ impl Store {
         Ok(())
     }
 
-    /// Calls `f` with every key, decoding one record at a time.
-    pub fn for_each_key(&self, mut f: impl FnMut(KeyRecord)) -> Result<(), StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KEYS)?;
-        for row in table.iter()? {
-            let (_, v) = row?;
-            f(decode_key(v.value())?);
-        }
-        Ok(())
-    }
-
     /// The number of keys.
     pub fn key_count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;

@@ -28,9 +28,6 @@ const LAST_USED: TableDefinition<&str, &[u8]> = TableDefinition::new("last_used"
 /// One report row: (day, deployment, operation, status class, requests).
 type UsageRow = (u32, String, String, u8, u64);
 
-/// Status classes, indexed 0..4.
-pub const CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
-
 /// The status class index of a status code (1xx counts with 2xx).
 pub fn class_of(status: u16) -> u8 {
     match status {
