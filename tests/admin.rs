@@ -45,27 +45,6 @@ upstream = "echo"
 path_prefix = "/other"
 "#;
 
-/// Every field of a key's JSON form (SPEC §1).
-const KEY_FIELDS: [&str; 17] = [
-    "id",
-    "name",
-    "description",
-    "owner",
-    "role",
-    "scopes",
-    "deployments",
-    "env",
-    "display",
-    "status",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "rate_limit",
-    "last_used_at",
-    "last_used_ip",
-    "last_used_user_agent",
-];
-
 /// An admin API client holding an admin secret.
 struct Admin {
     addr: SocketAddr,

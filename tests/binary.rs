@@ -15,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{gated_upstream, get, send, Answer};
+use common::{gated_upstream, get, send, Answer, KEY_FIELDS};
 use http::Method;
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -323,26 +323,6 @@ upstream = "echo"
   scope = "read_scenarios"
 "#;
 
-const RECORD_FIELDS: [&str; 17] = [
-    "id",
-    "name",
-    "description",
-    "owner",
-    "role",
-    "scopes",
-    "deployments",
-    "env",
-    "display",
-    "status",
-    "created_at",
-    "expires_at",
-    "revoked_at",
-    "rate_limit",
-    "last_used_at",
-    "last_used_ip",
-    "last_used_user_agent",
-];
-
 #[track_caller]
 fn assert_record_shape(key: &Value) {
     let mut got: Vec<&str> = key
@@ -352,7 +332,7 @@ fn assert_record_shape(key: &Value) {
         .map(String::as_str)
         .collect();
     got.sort_unstable();
-    let mut want = RECORD_FIELDS.to_vec();
+    let mut want = KEY_FIELDS.to_vec();
     want.sort_unstable();
     assert_eq!(got, want, "{key}");
 }

@@ -351,5 +351,26 @@ pub async fn gated_upstream() -> GatedUpstream {
     }
 }
 
+/// Every field of a key's JSON form (SPEC §1).
+pub const KEY_FIELDS: [&str; 17] = [
+    "id",
+    "name",
+    "description",
+    "owner",
+    "role",
+    "scopes",
+    "deployments",
+    "env",
+    "display",
+    "status",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+    "rate_limit",
+    "last_used_at",
+    "last_used_ip",
+    "last_used_user_agent",
+];
+
 /// Keeps `Arc` in scope for tests that share state.
 pub type Shared<T> = Arc<T>;
