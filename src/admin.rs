@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::audit::Actor;
 use crate::body::{self, Body};
+use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::keys::Role;
@@ -380,7 +381,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Handler for AdminApi {
-    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        _direct: &DirectUpstream,
+    ) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let resp = self

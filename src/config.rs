@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// Expect a PROXY protocol header on each connection.
     pub proxy_protocol: bool,
+    /// Data-plane worker threads (each serves its connections start to end); 0 = one per CPU.
+    pub workers: usize,
     /// The optional TLS listener.
     pub tls: Option<TlsConfig>,
 }
@@ -232,6 +234,7 @@ struct RawServer {
     shutdown_grace: S<String>,
     drain_delay: S<String>,
     proxy_protocol: S<bool>,
+    workers: S<i64>,
     tls: Option<RawTls>,
 }
 
@@ -481,6 +484,18 @@ impl Config {
             shutdown_grace: duration_or(loc, &s.shutdown_grace, Duration::from_secs(30))?,
             drain_delay: duration_or(loc, &s.drain_delay, Duration::ZERO)?,
             proxy_protocol: s.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
+            workers: match &s.workers {
+                None => 0,
+                Some(w) => usize::try_from(*w.get_ref())
+                    .ok()
+                    .filter(|w| *w <= 1024)
+                    .ok_or_else(|| {
+                        loc.at(
+                            w.span(),
+                            "workers must be a whole number from 0 (one per CPU) to 1024",
+                        )
+                    })?,
+            },
             tls: match &s.tls {
                 None => None,
                 Some(t) => {

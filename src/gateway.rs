@@ -15,11 +15,12 @@ use hyper::body::Incoming;
 use crate::auth::{authorize, extract_credential, Verifier};
 use crate::body::{self, Body};
 use crate::config::{AuthConfig, Config, Upstream};
+use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
 use crate::keyindex::{KeyIndex, LiveKey};
 use crate::keys::{check_secret_format, SecretHasher};
 use crate::metrics::{DeploymentCounters, Gauges, Metrics};
-use crate::proxy::{self, ConnInfo, UpstreamClient};
+use crate::proxy::{self, ConnInfo, UpstreamClient, UpstreamTarget};
 use crate::ratelimit::{Decision, FailedAuth, KeyLimits};
 use crate::router::{self, RouteMatch};
 use crate::usage::{Hit, Operation, Usage};
@@ -31,6 +32,7 @@ static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 /// What is built from one deployment's config.
 struct DeploymentRuntime {
     client: Option<UpstreamClient>,
+    target: Option<UpstreamTarget>,
     name: Arc<str>,
     route_names: Vec<Arc<str>>,
     counters: Arc<DeploymentCounters>,
@@ -60,6 +62,16 @@ impl Runtime {
                             None
                         }
                     },
+                },
+                target: match &d.upstream {
+                    Upstream::Echo => None,
+                    Upstream::Http {
+                        scheme, authority, ..
+                    } => Some(UpstreamTarget::new(
+                        scheme.clone(),
+                        authority.clone(),
+                        d.connect_timeout,
+                    )),
                 },
                 name: Arc::from(d.name.as_str()),
                 route_names: d.routes.iter().map(|r| Arc::from(r.name.as_str())).collect(),
@@ -208,8 +220,14 @@ impl Gateway {
         self.limits.forget(id);
     }
 
-    /// Handles one data-plane request: one access-log line, usage and metrics.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    /// Handles one data-plane request: one access-log line, usage and metrics. `direct` is
+    /// the client connection's own upstream connection.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        direct: &DirectUpstream,
+    ) -> Response<Body> {
         let start = Instant::now();
         let rt = self.runtime.load_full();
         let method = req.method().clone();
@@ -221,7 +239,7 @@ impl Gateway {
         );
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let mut out = Outcome::default();
-        let mut resp = match self.process(&rt, req, &conn, ip, &mut out).await {
+        let mut resp = match self.process(&rt, req, &conn, direct, ip, &mut out).await {
             Ok(r) => r,
             Err(e) => {
                 out.fail(&e);
@@ -347,6 +365,7 @@ impl Gateway {
         rt: &Runtime,
         req: Request<Incoming>,
         conn: &ConnInfo,
+        direct: &DirectUpstream,
         ip: IpAddr,
         out: &mut Outcome,
     ) -> Result<Response<Body>, GatewayError> {
@@ -366,7 +385,7 @@ impl Gateway {
             out,
         )?;
         let started = Instant::now();
-        let result = self.forward(rt, req, conn, &m, &key).await;
+        let result = self.forward(rt, req, conn, direct, &m, &key).await;
         if result.is_ok()
             || matches!(
                 result,
@@ -441,6 +460,7 @@ impl Gateway {
         rt: &Runtime,
         req: Request<Incoming>,
         conn: &ConnInfo,
+        direct: &DirectUpstream,
         m: &RouteMatch<'_>,
         key: &LiveKey,
     ) -> Result<Response<Body>, GatewayError> {
@@ -475,20 +495,15 @@ impl Gateway {
             }
             (_, q) => q,
         };
+        let runtime = rt.deployments.get(m.index);
         match (
             &d.upstream,
-            rt.deployments.get(m.index).and_then(|r| r.client.as_ref()),
+            runtime.and_then(|r| r.client.as_ref().zip(r.target.as_ref())),
         ) {
-            (
-                Upstream::Http {
-                    scheme,
-                    authority,
-                    base_path,
-                },
-                Some(client),
-            ) => {
-                parts.uri = proxy::upstream_uri(scheme, authority, base_path, path, query)?;
-                proxy::forward(client, Request::from_parts(parts, incoming), d.timeout).await
+            (Upstream::Http { base_path, .. }, Some((client, target))) => {
+                parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
+                let req = Request::from_parts(parts, incoming);
+                proxy::forward(client, Some(direct), target, req, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 
 use crate::body::{self, Body};
 use crate::config::{AuthConfig, Deployment};
+use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
 use crate::keyindex::LiveKey;
 
@@ -318,28 +320,33 @@ pub fn strip_query_param(query: &str, name: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-/// Builds the upstream URI: base path + (optionally prefix-stripped) path + query.
-pub fn upstream_uri(
-    scheme: &http::uri::Scheme,
-    authority: &http::uri::Authority,
+/// The origin-form URI sent upstream: base path + (optionally prefix-stripped) path +
+/// query. The client's URI is reused as is when nothing changes (no allocation).
+pub fn origin_form(
+    original: &Uri,
     base_path: &str,
     path: &str,
     query: Option<&str>,
 ) -> Result<Uri, GatewayError> {
+    if base_path.is_empty()
+        && original.scheme().is_none()
+        && path.len() == original.path().len()
+        && query == original.query()
+    {
+        return Ok(original.clone());
+    }
     let mut pq =
         String::with_capacity(base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base_path);
     pq.push_str(path);
+    if pq.is_empty() {
+        pq.push('/');
+    }
     if let Some(q) = query {
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::builder()
-        .scheme(scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| GatewayError::UpstreamUnavailable)
+    Uri::try_from(pq).map_err(|_| GatewayError::UpstreamUnavailable)
 }
 
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -355,12 +362,153 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Sends `req` upstream and streams the answer back. `timeout` bounds the wait for the
-/// response headers, counted from when the request body last moved (so a long upload that
-/// keeps moving is not cut, and a stalled one is). Upgrade requests are spliced to the
-/// upstream's upgraded connection.
+/// Where one deployment's requests go.
+#[derive(Debug, Clone)]
+pub struct UpstreamTarget {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port.
+    pub authority: Authority,
+    /// The `Host` header sent upstream (the port only when not the scheme's default).
+    pub host: HeaderValue,
+    /// Bound on opening a connection.
+    pub connect_timeout: Duration,
+}
+
+impl UpstreamTarget {
+    /// The target for an upstream at `scheme://authority`.
+    pub fn new(scheme: Scheme, authority: Authority, connect_timeout: Duration) -> Self {
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(p) if p != default_port => HeaderValue::from_str(authority.as_str()),
+            _ => HeaderValue::from_str(authority.host()),
+        }
+        .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        UpstreamTarget {
+            scheme,
+            authority,
+            host,
+            connect_timeout,
+        }
+    }
+}
+
+/// Waits for `fut` until `timeout` after the request body last moved.
+async fn within<F: std::future::Future>(
+    progress: &Progress,
+    timeout: Duration,
+    fut: F,
+) -> Result<F::Output, GatewayError> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            res = fut.as_mut() => return Ok(res),
+            _ = tokio::time::sleep_until(progress.deadline(timeout)) => {
+                if tokio::time::Instant::now() >= progress.deadline(timeout) {
+                    return Err(GatewayError::UpstreamTimeout);
+                }
+            }
+        }
+    }
+}
+
+fn upstream_error(e: &(dyn std::error::Error + 'static)) -> GatewayError {
+    tracing::debug!(error = %e, "upstream request failed");
+    if is_timeout(e) {
+        GatewayError::UpstreamTimeout
+    } else {
+        GatewayError::UpstreamUnavailable
+    }
+}
+
+/// Sends on the shared pool; `req` has an origin-form URI and no `Host` (the pool sets it).
+async fn send_pooled(
+    client: &UpstreamClient,
+    target: &UpstreamTarget,
+    mut req: Request<UpstreamBody>,
+    progress: &Progress,
+    timeout: Duration,
+) -> Result<Response<Incoming>, GatewayError> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| GatewayError::UpstreamUnavailable)?;
+    within(progress, timeout, client.request(req))
+        .await?
+        .map_err(|e| upstream_error(&e))
+}
+
+/// Sends on the client connection's own upstream connection, opening it when needed; a
+/// request the upstream never saw (its keep-alive connection had just closed) is sent once
+/// more on a fresh connection. Falls back to the pool when no direct connection is to be had.
+async fn send_direct(
+    direct: &DirectUpstream,
+    client: &UpstreamClient,
+    target: &UpstreamTarget,
+    mut req: Request<UpstreamBody>,
+    progress: &Progress,
+    timeout: Duration,
+) -> Result<Response<Incoming>, GatewayError> {
+    let mut retried = false;
+    loop {
+        let lease = match direct.take(&target.authority) {
+            Some(lease) => Some(lease),
+            None => {
+                direct
+                    .connect(&target.authority, target.connect_timeout)
+                    .await?
+            }
+        };
+        let Some(mut lease) = lease else {
+            return send_pooled(client, target, req, progress, timeout).await;
+        };
+        if within(progress, timeout, lease.sender.ready())
+            .await?
+            .is_err()
+        {
+            // Closed before we could use it; nothing was sent.
+            if retried {
+                return Err(GatewayError::UpstreamUnavailable);
+            }
+            retried = true;
+            continue;
+        }
+        req.headers_mut().insert(header::HOST, target.host.clone());
+        match within(progress, timeout, lease.sender.try_send_request(req)).await? {
+            Ok(resp) => {
+                direct.give_back(&target.authority, lease);
+                return Ok(resp);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !retried => {
+                    retried = true;
+                    req = unsent;
+                    req.headers_mut().remove(header::HOST);
+                }
+                _ => return Err(upstream_error(e.error())),
+            },
+        }
+    }
+}
+
+/// Sends `req` (origin-form URI, no `Host`) upstream and streams the answer back. `timeout`
+/// bounds the wait for the response headers, counted from when the request body last moved
+/// (so a long upload that keeps moving is not cut, and a stalled one is). Plain-HTTP
+/// requests go on the client connection's own upstream connection when `direct` is given;
+/// upgrade requests go through the pool and are spliced to the upstream's upgraded
+/// connection.
 pub async fn forward(
     client: &UpstreamClient,
+    direct: Option<&DirectUpstream>,
+    target: &UpstreamTarget,
     mut req: Request<Incoming>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
@@ -372,29 +520,9 @@ pub async fn forward(
         inner,
         progress: progress.clone(),
     });
-    let answer = client.request(req);
-    tokio::pin!(answer);
-    let answer = loop {
-        tokio::select! {
-            biased;
-            res = answer.as_mut() => break res,
-            _ = tokio::time::sleep_until(progress.deadline(timeout)) => {
-                if tokio::time::Instant::now() >= progress.deadline(timeout) {
-                    return Err(GatewayError::UpstreamTimeout);
-                }
-            }
-        }
-    };
-    let resp = match answer {
-        Err(e) => {
-            tracing::debug!(error = %e, "upstream request failed");
-            return Err(if is_timeout(&e) {
-                GatewayError::UpstreamTimeout
-            } else {
-                GatewayError::UpstreamUnavailable
-            });
-        }
-        Ok(resp) => resp,
+    let resp = match direct.filter(|_| !upgrade && target.scheme == Scheme::HTTP) {
+        Some(direct) => send_direct(direct, client, target, req, &progress, timeout).await?,
+        None => send_pooled(client, target, req, &progress, timeout).await?,
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut resp = resp;

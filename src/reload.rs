@@ -35,6 +35,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
                 .as_ref()
                 .map_or_else(|| "(none)".into(), |t| t.listen.to_string()),
         ),
+        ("server.workers", c.server.workers.to_string()),
         ("admin.listen", c.admin.listen.to_string()),
         ("store.path", c.store.path.display().to_string()),
     ]

@@ -25,6 +25,7 @@ use crate::admin::AdminApi;
 use crate::audit::Actor;
 use crate::body::Body;
 use crate::config::Config;
+use crate::direct::DirectUpstream;
 use crate::gateway::Gateway;
 use crate::keyindex::KeyIndex;
 use crate::keys::SecretHasher;
@@ -35,6 +36,7 @@ use crate::reload::{self, Reloader};
 use crate::store::Store;
 use crate::tls::{self, load_certified_key, CertResolver};
 use crate::usage::Usage;
+use crate::workers::Workers;
 use tokio_rustls::TlsAcceptor;
 
 /// Per-connection timeouts.
@@ -50,11 +52,12 @@ pub struct ConnSettings {
 
 /// Something that answers requests on a listener.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request.
+    /// Answers one request; `direct` is the client connection's own upstream connection.
     fn handle(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        direct: &DirectUpstream,
     ) -> impl Future<Output = Response<Body>> + Send;
     /// Timeouts for a new connection.
     fn conn_settings(&self) -> ConnSettings;
@@ -65,8 +68,9 @@ impl Handler for Gateway {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
+        direct: &DirectUpstream,
     ) -> impl Future<Output = Response<Body>> + Send {
-        Gateway::handle(self, req, conn)
+        Gateway::handle(self, req, conn, direct)
     }
 
     fn conn_settings(&self) -> ConnSettings {
@@ -241,12 +245,15 @@ async fn serve_connection<H, S>(
         activity: activity.clone(),
     });
     let svc_activity = activity.clone();
+    let direct = Arc::new(DirectUpstream::default());
+    let svc_direct = direct.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
+        let direct = svc_direct.clone();
         svc_activity.on_request();
         let guard = InFlight(svc_activity.clone());
         async move {
-            let resp = handler.handle(req, conn).await;
+            let resp = handler.handle(req, conn, &direct).await;
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
@@ -269,7 +276,14 @@ async fn serve_connection<H, S>(
         let deadline = activity.idle_deadline(settings.idle_timeout);
         let header_deadline = activity.header_deadline(settings.header_read_timeout);
         tokio::select! {
-            res = connection.as_mut() => {
+            // The direct upstream connection is polled right here, before (to deliver
+            // responses) and after (to send what a handler just queued) the client side.
+            res = std::future::poll_fn(|cx| {
+                direct.poll_drive(cx);
+                let res = connection.as_mut().poll(cx);
+                direct.poll_drive(cx);
+                res
+            }) => {
                 if let Err(e) = res {
                     tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
                 }
@@ -345,13 +359,15 @@ async fn accept_connection<H: Handler>(
 }
 
 /// Accepts on `listener` until `shutdown` turns true, then waits up to `grace()` for open
-/// connections to finish.
+/// connections to finish. Connections are served on `workers` when given, else on the
+/// current runtime.
 pub async fn serve_listener<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
     grace: impl Fn() -> Duration,
     tls: Option<TlsAcceptor>,
+    workers: Option<Arc<Workers>>,
 ) {
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     loop {
@@ -362,10 +378,24 @@ pub async fn serve_listener<H: Handler>(
                     let shutdown = shutdown.clone();
                     let open = open_tx.clone();
                     let tls = tls.clone();
-                    tokio::spawn(async move {
-                        accept_connection(stream, peer, handler, tls, shutdown).await;
-                        drop(open);
-                    });
+                    let Some(workers) = &workers else {
+                        tokio::spawn(async move {
+                            accept_connection(stream, peer, handler, tls, shutdown).await;
+                            drop(open);
+                        });
+                        continue;
+                    };
+                    // Re-registered with the worker's own reactor there.
+                    match stream.into_std() {
+                        Ok(stream) => workers.spawn(async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => accept_connection(stream, peer, handler, tls, shutdown).await,
+                                Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot hand a connection to a worker"),
+                            }
+                            drop(open);
+                        }),
+                        Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot hand a connection to a worker"),
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -405,6 +435,8 @@ pub struct Running {
     begin_shutdown: watch::Sender<bool>,
     supervisor: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    // Dropped last: stops the data-plane worker threads.
+    _workers: Arc<Workers>,
 }
 
 impl Running {
@@ -496,6 +528,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Some((l, acceptor, resolver))
         }
     };
+    let workers =
+        Arc::new(Workers::start(config.server.workers).context("cannot start the worker threads")?);
+    tracing::info!(workers = workers.len(), "data-plane workers started");
     let config_path = config.source.clone();
     let gateway = Arc::new(Gateway::new(config, keys, hasher, usage.clone()));
     let admin = Arc::new(AdminApi {
@@ -514,6 +549,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown_rx.clone(),
         grace_of(gateway.clone()),
         None,
+        Some(workers.clone()),
     ));
     let mut listeners = vec![data];
     let mut tls_addr = None;
@@ -527,6 +563,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_rx.clone(),
             grace_of(gateway.clone()),
             Some(acceptor),
+            Some(workers.clone()),
         )));
         tracing::info!(listen = ?tls_addr, "TLS data plane listening");
     }
@@ -535,6 +572,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin,
         admin_rx,
         grace_of(gateway.clone()),
+        None,
         None,
     ));
     let supervisor = tokio::spawn(supervise_shutdown(
@@ -561,6 +599,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         begin_shutdown,
         supervisor,
         background: vec![flusher],
+        _workers: workers,
     })
 }
 

@@ -1,0 +1,199 @@
+//! A client connection's own keep-alive connection to a plain-HTTP upstream, polled by the
+//! client connection's task: a request goes upstream without a pool lookup and without a
+//! hand-off to another task (profiled: the pooled client's per-request cost was the largest
+//! single item after the HTTP codec). `https://` upstreams, upgrade requests, concurrent
+//! HTTP/2 streams and connections beyond [`MAX_DIRECT`] use the shared pool instead.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::uri::Authority;
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::error::GatewayError;
+use crate::proxy::UpstreamBody;
+
+/// At most this many direct upstream connections per process; requests of further client
+/// connections share the pool (which keeps upstream connection counts bounded when many
+/// clients hold idle keep-alive connections).
+pub const MAX_DIRECT: usize = 4096;
+
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of direct upstream connections open now.
+pub fn open_count() -> usize {
+    OPEN.load(Ordering::Relaxed)
+}
+
+/// Holds one place under [`MAX_DIRECT`] until dropped.
+struct Permit;
+
+impl Permit {
+    fn acquire() -> Option<Permit> {
+        OPEN.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < MAX_DIRECT).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Permit)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request sender on a direct connection.
+pub type Sender = SendRequest<UpstreamBody>;
+
+/// A sender lent out for one request.
+pub struct Lease {
+    /// Sends the request.
+    pub sender: Sender,
+    /// False for a one-off connection (not the slot's): it is not given back.
+    held: bool,
+}
+
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[derive(Default)]
+struct Slot {
+    /// The upstream the connection below talks to.
+    target: Option<Authority>,
+    /// Its sender while idle (taken out while a request uses it).
+    sender: Option<Sender>,
+    /// The connection itself, polled by the client connection's task.
+    driver: Option<Driver>,
+    /// That task's waker, to have a newly opened connection polled.
+    waker: Option<Waker>,
+}
+
+/// One client connection's direct upstream connection (at most one at a time).
+#[derive(Default)]
+pub struct DirectUpstream {
+    slot: Mutex<Slot>,
+}
+
+impl DirectUpstream {
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The idle open connection to `target`, taken out for one request; hand it back with
+    /// [`DirectUpstream::give_back`] once the response head has arrived.
+    pub fn take(&self, target: &Authority) -> Option<Lease> {
+        let mut slot = self.lock();
+        if slot.target.as_ref() != Some(target) {
+            return None;
+        }
+        let sender = slot.sender.take()?;
+        if sender.is_closed() {
+            // The upstream closed it (keep-alive limit, idle timeout): forget it now so that
+            // `connect` does not take the slot for busy.
+            slot.driver = None;
+            slot.target = None;
+            return None;
+        }
+        Some(Lease { sender, held: true })
+    }
+
+    /// True while a request uses the held connection.
+    fn busy(slot: &Slot) -> bool {
+        slot.driver.is_some() && slot.sender.is_none()
+    }
+
+    /// Returns a sender taken with `take` (or made by `connect`) for the next request.
+    pub fn give_back(&self, target: &Authority, lease: Lease) {
+        if !lease.held || lease.sender.is_closed() {
+            return;
+        }
+        let mut slot = self.lock();
+        if slot.target.as_ref() == Some(target) && slot.sender.is_none() {
+            slot.sender = Some(lease.sender);
+        }
+    }
+
+    /// Opens a connection to `target`, replacing the idle one held (which closes). `Ok(None)`
+    /// when the held one is busy (a concurrent HTTP/2 stream) or the process already holds
+    /// [`MAX_DIRECT`] direct connections: the caller uses the pool.
+    pub async fn connect(
+        &self,
+        target: &Authority,
+        connect_timeout: Duration,
+    ) -> Result<Option<Lease>, GatewayError> {
+        if Self::busy(&self.lock()) {
+            return Ok(None);
+        }
+        let Some(permit) = Permit::acquire() else {
+            return Ok(None);
+        };
+        let port = target.port_u16().unwrap_or(80);
+        let addr = format!("{}:{port}", target.host());
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %target, error = %e, "upstream connect failed");
+                return Err(GatewayError::UpstreamUnavailable);
+            }
+            Err(_) => {
+                tracing::debug!(upstream = %target, "upstream connect timed out");
+                return Err(GatewayError::UpstreamTimeout);
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| {
+                tracing::debug!(upstream = %target, error = %e, "upstream handshake failed");
+                GatewayError::UpstreamUnavailable
+            })?;
+        let driver: Driver = Box::pin(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "direct upstream connection ended with an error");
+            }
+        });
+        let mut slot = self.lock();
+        if Self::busy(&slot) {
+            // Another stream of this client connection opened one meanwhile and uses it;
+            // this one serves a single request on its own task.
+            drop(slot);
+            tokio::spawn(driver);
+            return Ok(Some(Lease {
+                sender,
+                held: false,
+            }));
+        }
+        slot.target = Some(target.clone());
+        slot.sender = None;
+        slot.driver = Some(driver);
+        if let Some(w) = &slot.waker {
+            w.wake_by_ref();
+        }
+        Ok(Some(Lease { sender, held: true }))
+    }
+
+    /// Polls the held connection (reads responses, writes requests, notices a close). The
+    /// client connection's task calls this each time it is woken.
+    pub fn poll_drive(&self, cx: &mut Context<'_>) {
+        let mut slot = self.lock();
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
+        if let Some(driver) = slot.driver.as_mut() {
+            if let Poll::Ready(()) = driver.as_mut().poll(cx) {
+                slot.driver = None;
+                slot.sender = None;
+                slot.target = None;
+            }
+        }
+    }
+}
