@@ -67,14 +67,20 @@ pub fn extract_credential<'a>(
     };
     for v in headers.get_all(&cfg.header) {
         // A value that is not text cannot be one of our keys; it still counts as sent.
+        // (from_utf8 has an ASCII fast path; non-ASCII text fails the format check later.)
         offer(
-            v.to_str().map(str::trim).unwrap_or("\u{0}"),
+            std::str::from_utf8(v.as_bytes())
+                .map(str::trim)
+                .unwrap_or("\u{0}"),
             CredentialSource::Header,
         )?;
     }
     if cfg.bearer {
         for v in headers.get_all(header::AUTHORIZATION) {
-            if let Some(token) = v.to_str().ok().and_then(bearer_token) {
+            if let Some(token) = std::str::from_utf8(v.as_bytes())
+                .ok()
+                .and_then(bearer_token)
+            {
                 offer(token, CredentialSource::Bearer)?;
             }
         }

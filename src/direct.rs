@@ -93,20 +93,32 @@ impl DirectUpstream {
         if slot.target.as_ref() != Some(target) {
             return None;
         }
-        let sender = slot.sender.take()?;
+        let sender = slot.sender.as_ref()?;
         if sender.is_closed() {
             // The upstream closed it (keep-alive limit, idle timeout): forget it now so that
             // `connect` does not take the slot for busy.
+            slot.sender = None;
             slot.driver = None;
             slot.target = None;
             return None;
         }
-        Some(Lease { sender, held: true })
+        if !sender.is_ready() {
+            // A response body is still arriving on it (another HTTP/2 stream's).
+            return None;
+        }
+        slot.sender
+            .take()
+            .map(|sender| Lease { sender, held: true })
     }
 
-    /// True while a request uses the held connection.
+    /// True while a request uses the held connection: lent out, or its response body is
+    /// still arriving (the sender comes back with the response head).
     fn busy(slot: &Slot) -> bool {
-        slot.driver.is_some() && slot.sender.is_none()
+        slot.driver.is_some()
+            && slot
+                .sender
+                .as_ref()
+                .is_none_or(|s| !s.is_ready() && !s.is_closed())
     }
 
     /// Returns a sender taken with `take` (or made by `connect`) for the next request.

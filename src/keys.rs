@@ -37,8 +37,8 @@ fn random_base62(out: &mut String, count: usize) -> Result<(), getrandom::Error>
 }
 
 /// Encodes a CRC32 as exactly six base62 characters.
-fn checksum_chars(text: &str) -> [u8; CHECKSUM_CHARS] {
-    let mut n = crc32fast::hash(text.as_bytes()) as u64;
+fn checksum_chars(text: &[u8]) -> [u8; CHECKSUM_CHARS] {
+    let mut n = crc32fast::hash(text) as u64;
     let mut out = [b'0'; CHECKSUM_CHARS];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
@@ -47,8 +47,19 @@ fn checksum_chars(text: &str) -> [u8; CHECKSUM_CHARS] {
     out
 }
 
+/// `true` at the base62 bytes: one load per byte on the per-request format check.
+static IS_BASE62: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < BASE62.len() {
+        t[BASE62[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 fn is_base62(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
+    IS_BASE62[b as usize]
 }
 
 /// Generates a new secret `{prefix}_{env}_{32 random}{6 checksum}`.
@@ -60,7 +71,7 @@ pub fn generate_secret(prefix: &str, env: &str) -> Result<String, getrandom::Err
     s.push_str(env);
     s.push('_');
     random_base62(&mut s, SECRET_ENTROPY_CHARS)?;
-    let sum = checksum_chars(&s);
+    let sum = checksum_chars(s.as_bytes());
     s.extend(sum.iter().map(|&b| b as char));
     Ok(s)
 }
@@ -87,28 +98,30 @@ pub fn check_secret_format<'a>(
     prefix: &str,
     environments: &[String],
 ) -> Option<&'a str> {
-    let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
+    // Byte-wise: every byte is accounted for below (prefix and environment equal configured
+    // ASCII text, the rest is '_' or base62), so no separate ASCII/UTF-8 pass is needed.
     let bytes = secret.as_bytes();
-    // Keys are ASCII; rejecting anything else first also keeps the byte-offset splits
-    // below on character boundaries (a multi-byte character there would panic).
-    if !secret.is_ascii()
-        || bytes.len() < prefix.len() + 3 + body_len
-        || !secret.starts_with(prefix)
-    {
+    let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
+    let prefix = prefix.as_bytes();
+    if bytes.len() < prefix.len() + 3 + body_len || !bytes.starts_with(prefix) {
         return None;
     }
-    let rest = &secret[prefix.len()..];
-    let rest = rest.strip_prefix('_')?;
-    let (env, body) = rest.split_at(rest.len().checked_sub(body_len + 1)?);
-    let body = body.strip_prefix('_')?;
-    if !body.bytes().all(is_base62) || !environments.iter().any(|e| e == env) {
+    let body_start = bytes.len() - body_len;
+    if bytes[prefix.len()] != b'_' || bytes[body_start - 1] != b'_' {
         return None;
     }
-    let signed = &secret[..secret.len() - CHECKSUM_CHARS];
-    if checksum_chars(signed) != body.as_bytes()[SECRET_ENTROPY_CHARS..] {
+    let env = &bytes[prefix.len() + 1..body_start - 1];
+    let body = &bytes[body_start..];
+    if !body.iter().all(|&b| is_base62(b)) {
         return None;
     }
-    Some(env)
+    let env = environments.iter().find(|e| e.as_bytes() == env)?;
+    let signed = &bytes[..bytes.len() - CHECKSUM_CHARS];
+    if checksum_chars(signed) != body[SECRET_ENTROPY_CHARS..] {
+        return None;
+    }
+    // The environment bytes equal a configured (valid UTF-8) name at a '_' boundary.
+    secret.get(prefix.len() + 1..prefix.len() + 1 + env.len())
 }
 
 /// Hashes secrets: SHA-256, or HMAC-SHA256 keyed with the pepper from `KEYGATE_PEPPER`.

@@ -102,10 +102,20 @@ impl KeyLimits {
         let Some(limit) = limit else {
             return Decision::Unlimited;
         };
+        // Fast path: decide under the map's read guard (no Arc clone, no entry lookup).
+        if let Some(s) = self.slots.get(&key) {
+            if s.limit == limit {
+                return self.decide(&s.limiter, limit);
+            }
+        }
         let slot = self.slot(key, limit);
+        self.decide(&slot.limiter, limit)
+    }
+
+    fn decide(&self, limiter: &KeyLimiter, limit: Limit) -> Decision {
         let per_cell = limit.period / limit.requests.max(1);
         let window = ceil_secs(limit.period);
-        match slot.limiter.check() {
+        match limiter.check() {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let used = limit.requests.saturating_sub(remaining);

@@ -81,8 +81,7 @@ impl Operation {
     }
 }
 
-#[allow(clippy::derived_hash_with_manual_eq)]
-#[derive(Debug, Clone, Eq, Hash)]
+#[derive(Debug, Clone, Eq)]
 struct CounterKey {
     key: KeyId,
     day: u32,
@@ -98,6 +97,15 @@ impl PartialEq for CounterKey {
             && self.key == o.key
             && (Arc::ptr_eq(&self.deployment, &o.deployment) || self.deployment == o.deployment)
             && self.operation == o.operation
+    }
+}
+
+// Hashes the key and day only: a key has few deployment × operation × class counters a
+// day, and equality sorts those out; hashing the names too cost more than the collisions.
+impl std::hash::Hash for CounterKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+        state.write_u32(self.day);
     }
 }
 
