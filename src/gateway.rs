@@ -171,6 +171,7 @@ fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
         } => (limit, remaining, reset),
         Decision::Denied { limit, reset, .. } => (limit, 0, reset),
     };
+    headers.reserve(3);
     headers.insert(&RATELIMIT_LIMIT, HeaderValue::from(limit));
     headers.insert(&RATELIMIT_REMAINING, HeaderValue::from(remaining));
     headers.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
@@ -243,8 +244,10 @@ impl Gateway {
     ) -> Response<Body> {
         let start = Instant::now();
         let rt = self.runtime.load_full();
-        let method = req.method().clone();
-        let uri = req.uri().clone();
+        // The access line needs these after the request is gone; copy them only when it is
+        // written.
+        let logged = tracing::enabled!(target: "keygate::access", tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
         let ip = proxy::client_ip(
             conn.peer.ip(),
             req.headers(),
@@ -264,6 +267,9 @@ impl Gateway {
         }
         let status = resp.status().as_u16();
         self.account(&rt, &out, status, ip, user_agent.as_ref());
+        let Some((method, uri)) = logged else {
+            return resp;
+        };
         let dep = out.deployment.and_then(|i| rt.deployments.get(i));
         tracing::info!(
             target: "keygate::access",
@@ -398,7 +404,10 @@ impl Gateway {
             out,
         )?;
         let started = Instant::now();
-        let result = self.forward(rt, req, conn, direct, &m, &key).await;
+        // Boxed: the forwarding future is large, and every enclosing future (process,
+        // handle, hyper's service slot) would otherwise carry and copy it (memmove was the
+        // top symbol of the load profile).
+        let result = Box::pin(self.forward(rt, req, conn, direct, &m, &key)).await;
         if result.is_ok()
             || matches!(
                 result,
@@ -488,6 +497,8 @@ impl Gateway {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let headers = &mut parts.headers;
+        // Room for the forwarded and identity headers at once, not one growth at a time.
+        headers.reserve(10);
         proxy::strip_keygate_headers(headers);
         proxy::strip_credential(headers, &cfg.auth);
         proxy::strip_hop_by_hop(headers, upgrade);
@@ -527,7 +538,7 @@ impl Gateway {
                 parts.uri = pq
                     .parse()
                     .map_err(|_| GatewayError::invalid("path", "bad path"))?;
-                Ok(crate::echo::respond(Request::from_parts(parts, incoming)).await)
+                Ok(Box::pin(crate::echo::respond(Request::from_parts(parts, incoming))).await)
             }
         }
     }

@@ -116,8 +116,12 @@ impl std::fmt::Debug for LiveKey {
 /// Removes bytes a header value cannot carry (names are validated on create; this guards
 /// records written by older versions).
 fn header_safe(s: &str) -> impl Iterator<Item = u8> + '_ {
-    s.bytes()
-        .filter(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    s.bytes().filter(|&b| is_header_safe(b))
+}
+
+/// A byte a header value may carry.
+fn is_header_safe(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
 }
 
 impl LiveKey {
@@ -258,7 +262,10 @@ impl LiveKey {
         for e in &mut ends {
             *e = u16::from_le_bytes(arr(&mut b)?);
         }
-        if ends.windows(2).any(|w| w[0] > w[1]) || ends[4] as usize != b.len() {
+        if ends.windows(2).any(|w| w[0] > w[1])
+            || ends[4] as usize != b.len()
+            || !b.iter().all(|&c| is_header_safe(c))
+        {
             return None;
         }
         let key = LiveKey {
@@ -283,8 +290,11 @@ impl LiveKey {
     }
 
     fn header(&self, i: usize) -> HeaderValue {
-        HeaderValue::from_maybe_shared(self.text.slice(self.range(i)))
-            .unwrap_or_else(|_| HeaderValue::from_static(""))
+        let bytes = self.text.slice(self.range(i));
+        // SAFETY (an HTTP-validity invariant, not a memory one): `text` only ever holds
+        // header-safe bytes — `from_record` filters them through `header_safe` and `decode`
+        // rejects anything else — so the per-request re-validation can be skipped.
+        unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
     }
 
     /// The key id (shares this key's buffer).

@@ -130,29 +130,53 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// True for a `Connection` token that names a header [`HOP_BY_HOP`] removes anyway, or an
+/// option that names no header (`close`, `keep-alive`).
+fn known_connection_token(token: &str) -> bool {
+    token.eq_ignore_ascii_case("close")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+}
+
 /// Removes hop-by-hop headers and those named in `Connection`. With `keep_upgrade`, the
 /// `Connection: upgrade` / `Upgrade` pair survives (for upgrade requests and 101 answers).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(keep_upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+    // One pass over the (few) names instead of a hash probe per hop-by-hop name: most
+    // messages carry none, or only `Connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut has_upgrade = false;
+    for name in headers.keys() {
+        if *name == header::UPGRADE {
+            has_upgrade = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present.contains(&true) {
+        if present[0] {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|t| !known_connection_token(t))
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .collect();
+            for name in named {
+                if !(keep_upgrade && name == header::UPGRADE) {
+                    headers.remove(&name);
+                }
+            }
+        }
+        for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+            headers.remove(name);
+        }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if has_upgrade {
         headers.remove(header::UPGRADE);
     }
 }
@@ -224,6 +248,29 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+thread_local! {
+    /// The last peer address formatted as a header value on this thread: connections from
+    /// one client or load balancer repeat it, and formatting allocates.
+    static PEER_HEADER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `ip` as a header value, formatted once while it repeats.
+fn peer_header(ip: IpAddr) -> HeaderValue {
+    PEER_HEADER.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        match &*cached {
+            Some((last, v)) if *last == ip => v.clone(),
+            _ => {
+                let v = HeaderValue::from_str(&ip.to_string())
+                    .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+                *cached = Some((ip, v.clone()));
+                v
+            }
+        }
+    })
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` following the `trusted_proxies` rules.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
@@ -233,22 +280,21 @@ pub fn set_forwarded_headers(
 ) {
     let peer = canonical(conn.peer.ip());
     let from_trusted = is_trusted(peer, trusted);
-    let peer_text = peer.to_string();
-    let xff = if from_trusted {
-        let existing: Vec<&str> = headers
+    let existing: Vec<&str> = if from_trusted {
+        headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        if existing.is_empty() {
-            peer_text
-        } else {
-            format!("{}, {peer_text}", existing.join(", "))
-        }
+            .collect()
     } else {
-        peer_text
+        Vec::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = if existing.is_empty() {
+        Some(peer_header(peer))
+    } else {
+        HeaderValue::from_str(&format!("{}, {peer}", existing.join(", "))).ok()
+    };
+    if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !(from_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -461,14 +507,12 @@ async fn send_direct(
     loop {
         let lease = match direct.take(&target.authority) {
             Some(lease) => Some(lease),
-            None => {
-                direct
-                    .connect(&target.authority, target.connect_timeout)
-                    .await?
-            }
+            // Boxed: these rarely-run futures would otherwise enlarge (and make costlier
+            // to move) every request's future.
+            None => Box::pin(direct.connect(&target.authority, target.connect_timeout)).await?,
         };
         let Some(mut lease) = lease else {
-            return send_pooled(client, target, req, progress, timeout).await;
+            return Box::pin(send_pooled(client, target, req, progress, timeout)).await;
         };
         if within(progress, timeout, lease.sender.ready())
             .await?
@@ -522,7 +566,7 @@ pub async fn forward(
     });
     let resp = match direct.filter(|_| !upgrade && target.scheme == Scheme::HTTP) {
         Some(direct) => send_direct(direct, client, target, req, &progress, timeout).await?,
-        None => send_pooled(client, target, req, &progress, timeout).await?,
+        None => Box::pin(send_pooled(client, target, req, &progress, timeout)).await?,
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut resp = resp;
