@@ -99,7 +99,7 @@ fn decision(c: &mut Criterion) {
                 let mut out = Outcome::default();
                 let admitted = gw.admit(&rt, &Method::GET, &uri, h, None, ip, &mut out);
                 assert!(admitted.is_ok());
-                gw.account(&rt, &out, 200, ip, h.get("user-agent"));
+                gw.account(&rt, &out, 200, ip, h.get(http::header::USER_AGENT));
             })
         });
     }

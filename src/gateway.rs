@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName, HeaderValue};
@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{authorize, extract_credential, Verifier};
 use crate::body::{self, Body};
+use crate::clock::unix_now;
 use crate::config::{AuthConfig, Config, Upstream};
 use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
@@ -125,25 +126,6 @@ impl Outcome {
     }
 }
 
-/// Unix seconds from the coarse real-time clock: a per-request read costs a few ns instead
-/// of a full clock read; it lags real time by at most a scheduler tick (a few ms), well
-/// inside the one-second resolution of expiry and usage days.
-fn unix_now() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_REALTIME_COARSE needs nothing else.
-    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
-        // time_t is narrower than i64 on some targets.
-        #[allow(clippy::useless_conversion)]
-        return i64::from(ts.tv_sec);
-    }
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(header::HOST)
@@ -242,12 +224,11 @@ impl Gateway {
         conn: ConnInfo,
         direct: &DirectUpstream,
     ) -> Response<Body> {
-        let start = Instant::now();
         let rt = self.runtime.load_full();
         // The access line needs these after the request is gone; copy them only when it is
         // written.
         let logged = tracing::enabled!(target: "keygate::access", tracing::Level::INFO)
-            .then(|| (req.method().clone(), req.uri().clone()));
+            .then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
         let ip = proxy::client_ip(
             conn.peer.ip(),
             req.headers(),
@@ -267,7 +248,7 @@ impl Gateway {
         }
         let status = resp.status().as_u16();
         self.account(&rt, &out, status, ip, user_agent.as_ref());
-        let Some((method, uri)) = logged else {
+        let Some((method, uri, start)) = logged else {
             return resp;
         };
         let dep = out.deployment.and_then(|i| rt.deployments.get(i));

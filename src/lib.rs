@@ -9,6 +9,7 @@ pub mod admin_client;
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod clock;
 pub mod config;
 pub mod direct;
 pub mod echo;

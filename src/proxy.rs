@@ -29,28 +29,33 @@ use crate::keyindex::LiveKey;
 /// The pooled client used for one deployment.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// When a request body last moved on its way upstream.
+/// When a request body last moved on its way upstream (on the coarse clock: it is read for
+/// every body frame, and the timeouts it serves are seconds long).
 struct Progress {
     epoch: Instant,
-    last_us: AtomicU64,
+    epoch_coarse: Duration,
+    last_ms: AtomicU64,
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
             epoch: Instant::now(),
-            last_us: AtomicU64::new(0),
+            epoch_coarse: crate::clock::monotonic(),
+            last_ms: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        self.last_us
-            .store(self.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let ms = crate::clock::monotonic()
+            .saturating_sub(self.epoch_coarse)
+            .as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// `timeout` after the body last moved (or after the start, for a body never polled).
     fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        let last = self.epoch + Duration::from_micros(self.last_us.load(Ordering::Relaxed));
+        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         tokio::time::Instant::from_std(last + timeout)
     }
 }

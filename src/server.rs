@@ -92,6 +92,8 @@ const NOT_WAITING: u64 = u64::MAX;
 /// keep-alive requests, which would cut idle connections at `header_read_timeout`.)
 struct Activity {
     epoch: Instant,
+    /// `epoch` on the coarse clock (per-I/O reads use it).
+    epoch_coarse: Duration,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     headers_since_ms: AtomicU64,
@@ -103,6 +105,7 @@ impl Activity {
     fn new() -> Self {
         Activity {
             epoch: Instant::now(),
+            epoch_coarse: crate::clock::monotonic(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             // From accept, the first request's headers are awaited.
@@ -113,7 +116,9 @@ impl Activity {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        crate::clock::monotonic()
+            .saturating_sub(self.epoch_coarse)
+            .as_millis() as u64
     }
 
     fn touch(&self) {
