@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         let mut out = Outcome::default();
         gw.admit(&rt, &Method::GET, &uri, h, None, ip, &mut out)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        gw.account(&rt, &out, 200, ip, h.get("user-agent"));
+        gw.account(&rt, &out, 200, ip, h.get(http::header::USER_AGENT));
     }
     let per = started.elapsed() / iterations as u32;
     println!("{iterations} decisions over {n} keys: {per:?} each");
