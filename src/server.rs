@@ -277,42 +277,87 @@ async fn serve_connection<H, S>(
     if draining {
         connection.as_mut().graceful_shutdown();
     }
+    // One timer for the nearer of the idle and header-read deadlines, and a stop signal that
+    // is polled only once it has fired: this loop runs on every wake of the connection, so it
+    // checks two cheap flags instead of polling timers and channels each time.
+    let probe = shutdown.clone();
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    tokio::pin!(stop);
+    let next_deadline = |activity: &Activity| {
+        let idle = activity.idle_deadline(settings.idle_timeout);
+        let next = match activity.header_deadline(settings.header_read_timeout) {
+            Some(h) if h < idle => h,
+            _ => idle,
+        };
+        // A request in flight past the idle deadline keeps the connection: look again later
+        // rather than spinning on a deadline already passed.
+        next.max(tokio::time::Instant::now() + Duration::from_millis(100))
+    };
+    let timer = tokio::time::sleep_until(next_deadline(&activity));
+    tokio::pin!(timer);
+    let mut timer_registered = false;
+    let mut stop_registered = false;
+    enum Wake {
+        Closed(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+        Stop,
+        Timer,
+    }
     loop {
-        let deadline = activity.idle_deadline(settings.idle_timeout);
-        let header_deadline = activity.header_deadline(settings.header_read_timeout);
-        tokio::select! {
+        let wake = std::future::poll_fn(|cx| {
             // The direct upstream connection is polled right here, before (to deliver
             // responses) and after (to send what a handler just queued) the client side.
-            res = std::future::poll_fn(|cx| {
-                direct.poll_drive(cx);
-                let res = connection.as_mut().poll(cx);
-                direct.poll_drive(cx);
-                res
-            }) => {
+            direct.poll_drive(cx);
+            if let Poll::Ready(res) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Closed(res));
+            }
+            direct.poll_drive(cx);
+            if !draining && (!stop_registered || probe.has_changed().unwrap_or(true)) {
+                stop_registered = true;
+                if stop.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+            }
+            if !timer_registered || timer.is_elapsed() {
+                timer_registered = true;
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Closed(res) => {
                 if let Err(e) = res {
                     tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
                 }
                 break;
             }
-            _ = shutdown.changed(), if !draining => {
+            Wake::Stop => {
                 draining = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(deadline), if !draining => {
-                let idle = tokio::time::Instant::now() >= activity.idle_deadline(settings.idle_timeout);
-                if idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    tracing::debug!(peer = %conn.peer, "closing idle connection");
-                    draining = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-            }
-            _ = tokio::time::sleep_until(header_deadline.unwrap_or_else(tokio::time::Instant::now)), if header_deadline.is_some() => {
-                let overdue = activity.header_deadline(settings.header_read_timeout).is_some_and(|d| tokio::time::Instant::now() >= d);
-                if overdue && activity.in_flight.load(Ordering::Relaxed) == 0 {
+            Wake::Timer => {
+                let now = tokio::time::Instant::now();
+                let quiet = activity.in_flight.load(Ordering::Relaxed) == 0;
+                let overdue = activity
+                    .header_deadline(settings.header_read_timeout)
+                    .is_some_and(|d| now >= d);
+                if overdue && quiet {
                     // Slow or silent clients (slowloris) are cut, not drained.
                     tracing::debug!(peer = %conn.peer, "closing a connection whose request headers did not arrive in time");
                     break;
                 }
+                let idle = now >= activity.idle_deadline(settings.idle_timeout);
+                if idle && quiet && !draining {
+                    tracing::debug!(peer = %conn.peer, "closing idle connection");
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                timer.as_mut().reset(next_deadline(&activity));
+                timer_registered = false;
             }
         }
     }
