@@ -8,6 +8,10 @@ use std::time::Instant;
 use keygate::keyindex::KeyIndex;
 use keygate::store::Store;
 
+// The allocator the keygate binary uses, so the memory per key is the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Resident set size in bytes (Linux).
 fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
