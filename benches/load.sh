@@ -488,8 +488,8 @@ cat >&2 <<EOF
       wrk ($THREADS thread(s), $CONNECTIONS connections)     -> CPU $LOADGEN_CPU
       proxy under test + the upstream nginx   -> CPU $SERVER_CPU (shared)
       upstream nginx: worker_processes 1; nginx proxy: worker_processes 1;
-      HAProxy: nbthread 1; keygate: TOKIO_WORKER_THREADS=1 (its blocking-pool threads
-      are pinned to CPU $SERVER_CPU too)
+      HAProxy: nbthread 1; keygate: [server] workers = 1 and TOKIO_WORKER_THREADS=1 for
+      its admin/background runtime (its usage-flush thread is pinned to CPU $SERVER_CPU too)
     logging: no access logs anywhere (nginx access_log off, HAProxy without log,
       keygate [log] level = "warn", which drops its per-request access line)
 EOF
