@@ -312,10 +312,12 @@ expect "(a) upstream" 200 ok "http://127.0.0.1:$UPSTREAM_PORT/"
 expect "(b) nginx proxy" 200 ok "http://127.0.0.1:$NGINX_PORT/"
 expect "(c) haproxy, valid key" 200 ok -H "X-API-Key: $KEY1" "http://127.0.0.1:$HAPROXY_PORT/"
 expect "(c) haproxy, no key" 401 "" "http://127.0.0.1:$HAPROXY_PORT/"
-expect "(c) haproxy, unknown key" 401 "" -H "X-API-Key: ${KEY1%?}x" "http://127.0.0.1:$HAPROXY_PORT/"
+# KEY1 with its last character changed (to x, or to y when it already ends in x).
+if [[ $KEY1 == *x ]]; then BAD_KEY=${KEY1%?}y; else BAD_KEY=${KEY1%?}x; fi
+expect "(c) haproxy, unknown key" 401 "" -H "X-API-Key: $BAD_KEY" "http://127.0.0.1:$HAPROXY_PORT/"
 expect "(d) keygate, valid key" 200 ok -H "X-API-Key: $KEY1" "http://127.0.0.1:$KEYGATE_PORT/"
 expect "(d) keygate, no key" 401 "" "http://127.0.0.1:$KEYGATE_PORT/"
-expect "(d) keygate, unknown key" 401 "" -H "X-API-Key: ${KEY1%?}x" "http://127.0.0.1:$KEYGATE_PORT/"
+expect "(d) keygate, unknown key" 401 "" -H "X-API-Key: $BAD_KEY" "http://127.0.0.1:$KEYGATE_PORT/"
 loaded=$(curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '$1 == "keygate_keys_loaded" { print $2 }')
 [[ $loaded == "$KEYS" ]] || die "keygate reports keygate_keys_loaded=${loaded:-?}, expected $KEYS"
 printf '    ok  %-44s %s\n' "(d) keygate keys loaded" "$loaded" >&2
