@@ -597,6 +597,49 @@ async fn the_background_flusher_writes_usage_without_being_asked() {
     assert_eq!(gw.running.gateway.usage.pending(), 0);
 }
 
+/// Nice values of this process's threads named `name` (Linux: /proc/self/task/*/stat).
+fn thread_nice_values(name: &str) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // Fields after the parenthesised name start at field 3; nice is field 19.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_flush_runs_on_a_thread_at_the_lowest_cpu_priority() {
+    let gw = start_gateway_with(|dir| {
+        config_text(dir, "", "usage_flush_interval = \"50ms\"\n\n[[deployments]]\nname = \"app\"\nupstream = \"echo\"\n")
+    })
+    .await;
+    let (_, secret) = gw.create_key(key("nice"));
+    assert_eq!(
+        get(gw.addr(), "/x", &[("x-api-key", &secret)]).await.status,
+        200
+    );
+    // The thread lowers its own priority as it starts: wait (bounded) until it has.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nice = thread_nice_values("keygate-usage");
+        if nice.contains(&19) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keygate-usage thread at nice 19 within 20 s (seen: {nice:?})"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. Graceful shutdown loses no count
 // ---------------------------------------------------------------------------------------
