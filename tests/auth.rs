@@ -62,7 +62,8 @@ async fn counting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 const NO_LIMITS: &str = "[rate_limit]\ndefault = \"none\"\nfailed_auth_per_ip = \"none\"\n";
 
 /// Two deployments on one counting upstream, no catch-all:
-/// - `app` on `/app`, with `POST /scenarios` requiring `create_scenarios`;
+/// - `app` on `/app`, with [`CREATE_SCENARIOS_ROUTE`] (`POST /scenarios` requires
+///   `create_scenarios`);
 /// - `other` on `/other`.
 async fn gateway_with(auth_section: &str) -> (TestGateway, Arc<AtomicUsize>) {
     let (up, hits) = counting_upstream().await;
@@ -74,13 +75,7 @@ async fn gateway_with(auth_section: &str) -> (TestGateway, Arc<AtomicUsize>) {
 name = "app"
 upstream = "http://{up}"
 path_prefix = "/app"
-
-  [[deployments.routes]]
-  name = "create_scenarios"
-  methods = ["POST"]
-  path = "/scenarios"
-  scope = "create_scenarios"
-
+{CREATE_SCENARIOS_ROUTE}
 [[deployments]]
 name = "other"
 upstream = "http://{up}"
@@ -103,6 +98,22 @@ fn spec(name: &str, role: &str, scopes: &[&str], deployments: &[&str]) -> KeySpe
         deployments: Some(deployments.iter().map(|s| s.to_string()).collect()),
         ..Default::default()
     }
+}
+
+/// GET `path` with `secret` in `X-API-Key`.
+async fn get_keyed(gw: &TestGateway, path: &str, secret: &str) -> Answer {
+    get(gw.addr(), path, &[("x-api-key", secret)]).await
+}
+
+/// A request with `secret` in `X-API-Key`.
+async fn send_keyed(
+    gw: &TestGateway,
+    method: Method,
+    path: &str,
+    secret: &str,
+    body: impl Into<Bytes>,
+) -> Answer {
+    send(gw.addr(), method, path, &[("x-api-key", secret)], body).await
 }
 
 /// Asserts a JSON error answer (SPEC §2) and returns its `error` object.
@@ -314,7 +325,7 @@ async fn malformed_and_unknown_keys_are_invalid() {
         unknown,
     ];
     for bad in &cases {
-        let a = get(gw.addr(), "/app/x", &[("x-api-key", bad)]).await;
+        let a = get_keyed(&gw, "/app/x", bad).await;
         let err = assert_error(&a, 401, "invalid_key");
         assert!(
             !a.json().to_string().contains(bad.as_str()),
@@ -325,7 +336,7 @@ async fn malformed_and_unknown_keys_are_invalid() {
         assert_error(&a, 401, "invalid_key");
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &secret).await);
 }
 
 #[tokio::test]
@@ -390,7 +401,7 @@ async fn wrong_prefix_or_environment_is_invalid_even_if_the_digest_is_known() {
     let (gw, _) = gateway_with("[auth]\nprefix = \"acme\"\nenvironments = [\"prod\"]\n").await;
     let (id, secret) = gw.operator_key();
     assert!(secret.starts_with("acme_prod_"), "{secret}");
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &secret).await);
 
     // Give the key a digest that answers to a well-formed key with another prefix, then one
     // with an unconfigured environment: the format check must refuse both before the lookup.
@@ -410,39 +421,27 @@ async fn wrong_prefix_or_environment_is_invalid_even_if_the_digest_is_known() {
                 .is_some(),
             "the digest is indexed"
         );
-        let a = get(gw.addr(), "/app/x", &[("x-api-key", &foreign)]).await;
+        let a = get_keyed(&gw, "/app/x", &foreign).await;
         assert_error(&a, 401, "invalid_key");
     }
     // The original secret no longer answers after its digest was replaced.
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await,
-        401,
-        "invalid_key",
-    );
+    assert_error(&get_keyed(&gw, "/app/x", &secret).await, 401, "invalid_key");
 }
 
 #[tokio::test]
 async fn revoked_key_is_invalid_at_once() {
     let (gw, hits) = gateway().await;
     let (id, secret) = gw.operator_key();
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &secret).await);
     gw.manager.revoke(&id, &Actor::local()).unwrap();
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await,
-        401,
-        "invalid_key",
-    );
+    assert_error(&get_keyed(&gw, "/app/x", &secret).await, 401, "invalid_key");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     // A rotation cannot bring it back.
     assert!(gw
         .manager
         .rotate(&gw.config, &id, None, &Actor::local())
         .is_err());
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await,
-        401,
-        "invalid_key",
-    );
+    assert_error(&get_keyed(&gw, "/app/x", &secret).await, 401, "invalid_key");
 }
 
 #[tokio::test]
@@ -450,15 +449,11 @@ async fn deleted_key_is_invalid_at_once() {
     let (gw, _) = gateway().await;
     let (id, secret) = gw.operator_key();
     let (_, other) = gw.operator_key();
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &secret).await);
     gw.manager.delete(&id, &Actor::local()).unwrap();
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await,
-        401,
-        "invalid_key",
-    );
+    assert_error(&get_keyed(&gw, "/app/x", &secret).await, 401, "invalid_key");
     // Other keys are untouched.
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &other)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &other).await);
 }
 
 #[tokio::test]
@@ -472,12 +467,8 @@ async fn rotation_without_grace_swaps_secrets_at_once() {
     let new = v["secret"].as_str().unwrap().to_string();
     assert_ne!(new, old);
     assert_eq!(v["key"]["id"], id.as_str());
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &old)]).await,
-        401,
-        "invalid_key",
-    );
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &new)]).await);
+    assert_error(&get_keyed(&gw, "/app/x", &old).await, 401, "invalid_key");
+    assert_forwarded(&get_keyed(&gw, "/app/x", &new).await);
 }
 
 #[tokio::test]
@@ -490,7 +481,7 @@ async fn rotation_with_grace_keeps_both_secrets_until_the_grace_ends() {
         .unwrap();
     let new = v["secret"].as_str().unwrap().to_string();
     for s in [&old, &new] {
-        let a = get(gw.addr(), "/app/x", &[("x-api-key", s)]).await;
+        let a = get_keyed(&gw, "/app/x", s).await;
         assert_forwarded(&a);
     }
     let rec = gw.running.store.get_key(&id).unwrap().unwrap();
@@ -505,12 +496,8 @@ async fn rotation_with_grace_keeps_both_secrets_until_the_grace_ends() {
     rewrite_record(&gw, &id, |r| {
         r.grace[0].valid_until = Utc::now() - chrono::Duration::seconds(1)
     });
-    assert_error(
-        &get(gw.addr(), "/app/x", &[("x-api-key", &old)]).await,
-        401,
-        "invalid_key",
-    );
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &new)]).await);
+    assert_error(&get_keyed(&gw, "/app/x", &old).await, 401, "invalid_key");
+    assert_forwarded(&get_keyed(&gw, "/app/x", &new).await);
 }
 
 #[tokio::test]
@@ -523,18 +510,14 @@ async fn revoking_or_deleting_during_grace_stops_both_secrets() {
             .rotate(&gw.config, &id, Some("1h"), &Actor::local())
             .unwrap();
         let new = v["secret"].as_str().unwrap().to_string();
-        assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &old)]).await);
+        assert_forwarded(&get_keyed(&gw, "/app/x", &old).await);
         if revoke {
             gw.manager.revoke(&id, &Actor::local()).unwrap();
         } else {
             gw.manager.delete(&id, &Actor::local()).unwrap();
         }
         for s in [&old, &new] {
-            assert_error(
-                &get(gw.addr(), "/app/x", &[("x-api-key", s)]).await,
-                401,
-                "invalid_key",
-            );
+            assert_error(&get_keyed(&gw, "/app/x", s).await, 401, "invalid_key");
         }
     }
 }
@@ -546,12 +529,12 @@ async fn expired_key_is_401_key_expired_with_the_time() {
         expires: Some("1h".into()),
         ..spec("exp", "operator", &[], &["*"])
     });
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &secret).await);
     let at = (Utc::now() - chrono::Duration::minutes(5))
         .duration_trunc(chrono::Duration::seconds(1))
         .unwrap();
     rewrite_record(&gw, &id, |r| r.expires_at = Some(at));
-    let a = get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await;
+    let a = get_keyed(&gw, "/app/x", &secret).await;
     let err = assert_error(&a, 401, "key_expired");
     assert_eq!(err["expired_at"], rfc3339(&at), "{err}");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
@@ -567,15 +550,15 @@ async fn expired_key_is_401_key_expired_with_the_time() {
 async fn key_for_another_deployment_is_403_deployment_forbidden() {
     let (gw, hits) = gateway().await;
     let (_, secret) = gw.create_key(spec("only-other", "operator", &["*"], &["other"]));
-    let a = get(gw.addr(), "/app/x", &[("x-api-key", &secret)]).await;
+    let a = get_keyed(&gw, "/app/x", &secret).await;
     let err = assert_error(&a, 403, "deployment_forbidden");
     assert_eq!(err["deployment"], "app", "{err}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
-    assert_forwarded(&get(gw.addr(), "/other/x", &[("x-api-key", &secret)]).await);
+    assert_forwarded(&get_keyed(&gw, "/other/x", &secret).await);
 
     // An admin key reaches every deployment whatever its list says.
     let (_, admin) = gw.create_key(spec("admin", "admin", &[], &["other"]));
-    assert_forwarded(&get(gw.addr(), "/app/x", &[("x-api-key", &admin)]).await);
+    assert_forwarded(&get_keyed(&gw, "/app/x", &admin).await);
 }
 
 #[tokio::test]
@@ -583,26 +566,12 @@ async fn viewer_may_only_read() {
     let (gw, hits) = gateway().await;
     let (_, secret) = gw.create_key(spec("viewer", "viewer", &["read_scenarios"], &["*"]));
     for m in [Method::GET, Method::HEAD, Method::OPTIONS] {
-        let a = send(
-            gw.addr(),
-            m.clone(),
-            "/app/x",
-            &[("x-api-key", &secret)],
-            Bytes::new(),
-        )
-        .await;
+        let a = send_keyed(&gw, m.clone(), "/app/x", &secret, Bytes::new()).await;
         assert_eq!(a.status.as_u16(), 200, "{m}");
     }
     assert_eq!(hits.load(Ordering::SeqCst), 3);
     for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
-        let a = send(
-            gw.addr(),
-            m.clone(),
-            "/app/x",
-            &[("x-api-key", &secret)],
-            "{}",
-        )
-        .await;
+        let a = send_keyed(&gw, m.clone(), "/app/x", &secret, "{}").await;
         let err = assert_error(&a, 403, "insufficient_scope");
         assert!(
             err["required"]
@@ -618,14 +587,7 @@ async fn viewer_may_only_read() {
     }
     // Even a wildcard scope does not lift the role's restriction.
     let (_, star_viewer) = gw.create_key(spec("viewer*", "viewer", &["*"], &["*"]));
-    let a = send(
-        gw.addr(),
-        Method::POST,
-        "/app/scenarios",
-        &[("x-api-key", &star_viewer)],
-        "{}",
-    )
-    .await;
+    let a = send_keyed(&gw, Method::POST, "/app/scenarios", &star_viewer, "{}").await;
     assert_error(&a, 403, "insufficient_scope");
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
@@ -635,14 +597,7 @@ async fn route_scope_is_enforced() {
     let (gw, hits) = gateway().await;
     let (_, reader) = gw.create_key(spec("reader", "operator", &["read_scenarios"], &["app"]));
     for path in ["/app/scenarios", "/app/scenarios/42", "/app/scenarios/"] {
-        let a = send(
-            gw.addr(),
-            Method::POST,
-            path,
-            &[("x-api-key", &reader)],
-            "{}",
-        )
-        .await;
+        let a = send_keyed(&gw, Method::POST, path, &reader, "{}").await;
         let err = assert_error(&a, 403, "insufficient_scope");
         assert_eq!(err["required"], "create_scenarios", "{path}: {err}");
         assert_eq!(
@@ -653,32 +608,14 @@ async fn route_scope_is_enforced() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
     // The rule is for POST on whole segments only.
-    assert_forwarded(&get(gw.addr(), "/app/scenarios", &[("x-api-key", &reader)]).await);
-    assert_forwarded(
-        &send(
-            gw.addr(),
-            Method::POST,
-            "/app/scenariosX",
-            &[("x-api-key", &reader)],
-            "{}",
-        )
-        .await,
-    );
+    assert_forwarded(&get_keyed(&gw, "/app/scenarios", &reader).await);
+    assert_forwarded(&send_keyed(&gw, Method::POST, "/app/scenariosX", &reader, "{}").await);
 
     let (_, creator) = gw.create_key(spec("creator", "operator", &["create_scenarios"], &["app"]));
     let (_, star) = gw.create_key(spec("star", "operator", &["*"], &["app"]));
     let (_, admin) = gw.create_key(spec("admin", "admin", &[], &["*"]));
     for s in [&creator, &star, &admin] {
-        assert_forwarded(
-            &send(
-                gw.addr(),
-                Method::POST,
-                "/app/scenarios",
-                &[("x-api-key", s)],
-                "{}",
-            )
-            .await,
-        );
+        assert_forwarded(&send_keyed(&gw, Method::POST, "/app/scenarios", s, "{}").await);
     }
 }
 
@@ -687,7 +624,7 @@ async fn no_matching_deployment_is_404_no_route() {
     let (gw, hits) = gateway().await;
     let (_, secret) = gw.operator_key();
     for path in ["/", "/nowhere", "/apple", "/application/x"] {
-        let a = get(gw.addr(), path, &[("x-api-key", &secret)]).await;
+        let a = get_keyed(&gw, path, &secret).await;
         assert_error(&a, 404, "no_route");
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
@@ -697,8 +634,8 @@ async fn no_matching_deployment_is_404_no_route() {
 // Forward-auth endpoint
 // ---------------------------------------------------------------------------------------
 
-/// `my-app` on `/my-app` with create/read scope rules and `host-app` for `api.example.com`,
-/// both on a counting upstream that forward-auth must never call.
+/// `my-app` on `/my-app` with the create/read scope rules on `/scenarios` and `host-app` for
+/// `api.example.com`, both on a counting upstream that forward-auth must never call.
 async fn forward_auth_gateway() -> (TestGateway, Arc<AtomicUsize>) {
     let (up, hits) = counting_upstream().await;
     let rest = format!(
@@ -707,19 +644,7 @@ async fn forward_auth_gateway() -> (TestGateway, Arc<AtomicUsize>) {
 name = "my-app"
 upstream = "http://{up}"
 path_prefix = "/my-app"
-
-  [[deployments.routes]]
-  name = "create_scenarios"
-  methods = ["POST"]
-  path = "/scenarios"
-  scope = "create_scenarios"
-
-  [[deployments.routes]]
-  name = "read_scenarios"
-  methods = ["GET", "HEAD"]
-  path = "/scenarios"
-  scope = "read_scenarios"
-
+{CREATE_SCENARIOS_ROUTE}{READ_SCENARIOS_ROUTE}
 [[deployments]]
 name = "host-app"
 upstream = "http://{up}"
@@ -863,16 +788,7 @@ async fn forward_auth_nginx_style() {
     );
 
     // The same key through the proxy does reach the upstream (the counter works).
-    assert_forwarded(
-        &send(
-            gw.addr(),
-            Method::POST,
-            "/my-app/scenarios",
-            &[("x-api-key", &k.writer)],
-            "{}",
-        )
-        .await,
-    );
+    assert_forwarded(&send_keyed(&gw, Method::POST, "/my-app/scenarios", &k.writer, "{}").await);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
 

@@ -8,64 +8,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use common::{gated_upstream, get, send, Answer, KEY_FIELDS};
+use common::serve::{keygate, run_command, signal, Out, Serve, SERVE_TIMEOUT};
+use common::{
+    gated_upstream, get, send, Answer, CREATE_SCENARIOS_ROUTE, KEY_FIELDS, READ_SCENARIOS_ROUTE,
+};
 use http::Method;
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-
-/// Longest a CLI command may take (the machine may be busy compiling).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-/// Longest wait for a log line, a request or an exit of a served gateway.
-const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------
-
-/// The outcome of one CLI run.
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    /// Stdout and stderr together.
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-
-    /// Stdout as JSON.
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, Some(0), "command failed: {self:?}");
-        self
-    }
-}
-
-/// Sends a signal to a child process we started, by its id.
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
 
 /// A test directory with a `gateway.toml`.
 struct Env {
@@ -95,17 +52,7 @@ impl Env {
 
     /// The same with another configuration file.
     fn command_for(&self, config: &Path) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        c.arg("--config").arg(config).current_dir(self.dir.path());
-        for var in [
-            "KEYGATE_ADMIN_KEY",
-            "KEYGATE_CONFIG",
-            "KEYGATE_PEPPER",
-            "RUST_LOG",
-        ] {
-            c.env_remove(var);
-        }
-        c
+        keygate(self.dir.path(), config)
     }
 
     fn run(&self, args: &[&str]) -> Out {
@@ -126,35 +73,6 @@ impl Env {
     }
 }
 
-/// Runs a command with stdin closed, collecting its output, within [`COMMAND_TIMEOUT`].
-fn run_command(mut c: Command) -> Out {
-    let child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keygate");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(out) => {
-            let out = out.unwrap();
-            Out {
-                code: out.status.code(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        }
-        Err(_) => {
-            signal(pid, "KILL");
-            panic!("keygate {c:?} did not finish within {COMMAND_TIMEOUT:?}");
-        }
-    }
-}
-
 fn is_base62(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
@@ -168,7 +86,10 @@ fn body(secret: &str) -> &str {
 // `keygate check`
 // ---------------------------------------------------------------------------------------
 
-const GOOD: &str = r#"
+/// A valid configuration file.
+fn good() -> String {
+    format!(
+        r#"
 [auth]
 query_param = ""
 
@@ -183,21 +104,17 @@ name = "my-app"
 upstream = "http://127.0.0.1:9000/base"
 path_prefix = "/my-app"
 timeout = "30s"
-
-  [[deployments.routes]]
-  name = "create_scenarios"
-  methods = ["POST"]
-  path = "/scenarios"
-  scope = "create_scenarios"
-
+{CREATE_SCENARIOS_ROUTE}
 [[deployments]]
 name = "echo"
 upstream = "echo"
-"#;
+"#
+    )
+}
 
 #[test]
 fn check_accepts_a_good_file() {
-    let env = Env::new(GOOD);
+    let env = Env::new(&good());
     let out = env.run(&["check"]).ok();
     assert!(out.stderr.trim().is_empty(), "{out:?}");
     assert!(
@@ -247,12 +164,8 @@ fn check_reports_errors_with_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, text).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        c.arg("--config")
-            .arg(&path)
-            .arg("check")
-            .current_dir(dir.path())
-            .env_remove("KEYGATE_CONFIG");
+        let mut c = keygate(dir.path(), &path);
+        c.arg("check");
         let out = run_command(c);
         assert_eq!(out.code, Some(1), "{what}: {out:?}");
         let location = format!("{}:{line}:{col}", path.display());
@@ -272,10 +185,8 @@ fn check_reports_errors_with_line_and_column() {
 #[test]
 fn check_of_a_missing_file_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.args(["--config", "nope.toml", "check"])
-        .current_dir(dir.path())
-        .env_remove("KEYGATE_CONFIG");
+    let mut c = keygate(dir.path(), Path::new("nope.toml"));
+    c.arg("check");
     let out = run_command(c);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("nope.toml"), "{out:?}");
@@ -285,12 +196,8 @@ fn check_of_a_missing_file_fails() {
 fn the_shipped_gateway_toml_passes_check() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.arg("--config")
-        .arg(&shipped)
-        .arg("check")
-        .current_dir(dir.path())
-        .env_remove("KEYGATE_CONFIG");
+    let mut c = keygate(dir.path(), &shipped);
+    c.arg("check");
     let out = run_command(c);
     assert_eq!(out.code, Some(0), "{out:?}");
     // KEYGATE_CONFIG is the default for --config.
@@ -305,23 +212,12 @@ fn the_shipped_gateway_toml_passes_check() {
 // Offline key lifecycle
 // ---------------------------------------------------------------------------------------
 
-const APP: &str = r#"
-[[deployments]]
-name = "my-app"
-upstream = "echo"
-
-  [[deployments.routes]]
-  name = "create_scenarios"
-  methods = ["POST"]
-  path = "/scenarios"
-  scope = "create_scenarios"
-
-  [[deployments.routes]]
-  name = "read_scenarios"
-  methods = ["GET", "HEAD"]
-  path = "/scenarios"
-  scope = "read_scenarios"
-"#;
+/// `my-app` on the built-in echo upstream, with the create/read scope rules on `/scenarios`.
+fn app() -> String {
+    format!(
+        "\n[[deployments]]\nname = \"my-app\"\nupstream = \"echo\"\n{CREATE_SCENARIOS_ROUTE}{READ_SCENARIOS_ROUTE}"
+    )
+}
 
 #[track_caller]
 fn assert_record_shape(key: &Value) {
@@ -339,7 +235,7 @@ fn assert_record_shape(key: &Value) {
 
 #[test]
 fn offline_key_lifecycle() {
-    let env = Env::new(APP);
+    let env = Env::new(&app());
 
     // create
     let out = env
@@ -550,7 +446,7 @@ fn offline_key_lifecycle() {
 
 #[test]
 fn without_a_terminal_destructive_commands_need_force() {
-    let env = Env::new(APP);
+    let env = Env::new(&app());
     let (id, secret) = env.create_key(&["--name", "keep me"]);
     for args in [
         &["keys", "delete", &id][..],
@@ -583,7 +479,7 @@ fn without_a_terminal_destructive_commands_need_force() {
 
 #[test]
 fn verify_rejects_odd_secrets_without_crashing() {
-    let env = Env::new(APP);
+    let env = Env::new(&app());
     env.create_key(&["--name", "k"]);
     let tail = "A".repeat(38);
     for bad in [
@@ -601,140 +497,6 @@ fn verify_rejects_odd_secrets_without_crashing() {
 // `keygate serve` as a child process
 // ---------------------------------------------------------------------------------------
 
-/// A running `keygate serve`.
-struct Serve {
-    child: Option<Child>,
-    pid: u32,
-    /// Stdout lines as they come.
-    lines: mpsc::UnboundedReceiver<String>,
-    /// Everything written to stdout and stderr so far.
-    output: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    addr: SocketAddr,
-}
-
-fn pump(
-    stream: impl Read + Send + 'static,
-    output: Arc<Mutex<String>>,
-    lines: Option<mpsc::UnboundedSender<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            output.lock().unwrap().push_str(&line);
-            output.lock().unwrap().push('\n');
-            if let Some(tx) = &lines {
-                let _ = tx.send(line);
-            }
-        }
-    })
-}
-
-impl Serve {
-    /// Starts `keygate serve` and waits for its `data plane listening` line.
-    async fn start(env: &Env, vars: &[(&str, &str)]) -> Serve {
-        let mut c = env.command();
-        c.arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in vars {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().expect("spawn keygate serve");
-        let pid = child.id();
-        let output = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), output.clone(), Some(tx)),
-            pump(child.stderr.take().unwrap(), output.clone(), None),
-        ];
-        let mut serve = Serve {
-            child: Some(child),
-            pid,
-            lines,
-            output,
-            readers,
-            addr: "127.0.0.1:0".parse().unwrap(),
-        };
-        let line = serve
-            .wait_for_log(|v| v["message"] == "data plane listening")
-            .await;
-        serve.addr = line["listen"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no listen address in {line}"));
-        assert!(
-            serve.addr.ip().is_loopback() && serve.addr.port() != 0,
-            "{line}"
-        );
-        serve
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Waits for a JSON log line matching `pred`, within [`SERVE_TIMEOUT`].
-    async fn wait_for_log(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if pred(&v) {
-                            return v;
-                        }
-                    }
-                }
-                Ok(None) => panic!("keygate serve ended its output early:\n{}", self.output()),
-                Err(_) => panic!("timed out waiting for a log line:\n{}", self.output()),
-            }
-        }
-    }
-
-    /// Sends SIGTERM, waits for the exit and the end of its output; returns the status.
-    async fn stop(&mut self) -> ExitStatus {
-        signal(self.pid, "TERM");
-        self.wait_exit().await
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("still running");
-        let pid = self.pid;
-        let waited = tokio::time::timeout(
-            SERVE_TIMEOUT,
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await;
-        let status = match waited {
-            Ok(joined) => joined.unwrap().unwrap(),
-            Err(_) => {
-                // Not reaped yet, so the id is still this child's.
-                signal(pid, "KILL");
-                panic!(
-                    "keygate serve did not exit within {SERVE_TIMEOUT:?}:\n{}",
-                    self.output()
-                );
-            }
-        };
-        let readers = std::mem::take(&mut self.readers);
-        tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| r.join().unwrap()))
-            .await
-            .unwrap();
-        status
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(self.pid, "KILL");
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_drains_in_flight_requests_on_sigterm() {
     let mut up = gated_upstream().await;
@@ -748,7 +510,7 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
         .replace("[server]\n", "[server]\nshutdown_grace = \"60s\"\n");
     std::fs::write(&env.config, text).unwrap();
     let (_, secret) = env.create_key(&["--name", "drain"]);
-    let mut serve = Serve::start(&env, &[]).await;
+    let mut serve = Serve::start(env.command()).await;
     let addr = serve.addr;
 
     let a = get(addr, "/hello", &[("x-api-key", &secret)]).await;
@@ -767,7 +529,7 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
     // ...when the gateway is told to stop.
     signal(serve.pid, "TERM");
     serve
-        .wait_for_log(|v| {
+        .wait_for_log_where("a \"shutting down\" log line", |v| {
             v["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("shutting down"))
@@ -818,9 +580,9 @@ async fn serve_drains_in_flight_requests_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_commands_refuse_a_store_in_use_without_damaging_it() {
-    let env = Env::new(APP);
+    let env = Env::new(&app());
     let (id, secret) = env.create_key(&["--name", "before serve", "--scopes", "read_scenarios"]);
-    let mut serve = Serve::start(&env, &[]).await;
+    let mut serve = Serve::start(env.command()).await;
 
     for args in [
         &["keys", "list"][..],
@@ -857,7 +619,8 @@ async fn key_commands_refuse_a_store_in_use_without_damaging_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_never_logs_secrets() {
     let env = Env::new(&format!(
-        "[auth]\nquery_param = \"api_key\"\n\n[rate_limit]\ndefault = \"none\"\nfailed_auth_per_ip = \"none\"\n{APP}"
+        "[auth]\nquery_param = \"api_key\"\n\n[rate_limit]\ndefault = \"none\"\nfailed_auth_per_ip = \"none\"\n{}",
+        app()
     ));
     let text = std::fs::read_to_string(&env.config)
         .unwrap()
@@ -883,7 +646,9 @@ async fn serve_never_logs_secrets() {
         String::from_utf8(b).unwrap()
     };
 
-    let mut serve = Serve::start(&env, &[("RUST_LOG", "debug")]).await;
+    let mut c = env.command();
+    c.env("RUST_LOG", "debug");
+    let mut serve = Serve::start(c).await;
     let addr = serve.addr;
     let bearer = format!("Bearer {secret}");
     let checks: Vec<(Answer, u16)> = vec![
@@ -997,14 +762,11 @@ async fn serve_never_logs_secrets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_commands_use_the_admin_api_while_serving() {
-    let env = Env::new(APP);
+    let env = Env::new(&app());
     let (admin_id, admin_secret) = env.create_key(&["--name", "ops admin", "--role", "admin"]);
     let (_, operator_secret) = env.create_key(&["--name", "not an admin"]);
-    let mut serve = Serve::start(&env, &[]).await;
-    let admin_line = serve
-        .wait_for_log(|v| v["message"] == "admin API listening")
-        .await;
-    let admin_addr: SocketAddr = admin_line["listen"].as_str().unwrap().parse().unwrap();
+    let mut serve = Serve::start(env.command()).await;
+    let admin_addr = serve.listen_addr("admin API listening").await;
 
     // The served file says 127.0.0.1:0 for the admin API; a client config (elsewhere, so the
     // gateway's file watcher never sees it) names the bound address and the same store.

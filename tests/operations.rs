@@ -9,15 +9,14 @@
 mod common;
 
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::serve::{keygate, run_command, signal, Serve};
 use common::{
     config_text, gated_upstream, get, start_gateway_with, start_upstream, Answer, TestGateway,
 };
@@ -31,14 +30,10 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 /// Longest wait for a change to take effect (a reload, a certificate swap, a drain).
 const BOUND: Duration = Duration::from_secs(10);
-/// Longest wait for the `keygate` binary (start-up, a CLI command, an exit); the machine
-/// may be busy compiling.
-const PROCESS_BOUND: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -566,179 +561,6 @@ async fn a_listen_address_change_is_refused_as_a_whole() {
 // 4. SIGHUP reload of the real binary
 // ---------------------------------------------------------------------------------------
 
-/// Sends a signal to a child process we started, by its id.
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// `keygate` with `--config`, in `dir`, without keygate variables from the environment.
-fn keygate(dir: &Path, config: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    c.arg("--config")
-        .arg(config)
-        .current_dir(dir)
-        .stdin(Stdio::null());
-    for var in [
-        "KEYGATE_ADMIN_KEY",
-        "KEYGATE_CONFIG",
-        "KEYGATE_PEPPER",
-        "RUST_LOG",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-/// A running `keygate serve`.
-struct Serve {
-    child: Option<Child>,
-    pid: u32,
-    lines: mpsc::UnboundedReceiver<String>,
-    output: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-}
-
-fn pump(
-    stream: impl Read + Send + 'static,
-    output: Arc<Mutex<String>>,
-    lines: Option<mpsc::UnboundedSender<String>>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            {
-                let mut out = output.lock().unwrap();
-                out.push_str(&line);
-                out.push('\n');
-            }
-            if let Some(tx) = &lines {
-                let _ = tx.send(line);
-            }
-        }
-    })
-}
-
-impl Serve {
-    fn start(mut c: Command) -> Serve {
-        c.arg("serve").stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn keygate serve");
-        let output = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), output.clone(), Some(tx)),
-            pump(child.stderr.take().unwrap(), output.clone(), None),
-        ];
-        Serve {
-            pid: child.id(),
-            child: Some(child),
-            lines,
-            output,
-            readers,
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Waits for a JSON log line whose `message` is `message`.
-    async fn wait_for_log(&mut self, message: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + PROCESS_BOUND;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["message"] == message {
-                            return v;
-                        }
-                    }
-                }
-                Ok(None) => panic!(
-                    "keygate serve ended its output before {message:?}:\n{}",
-                    self.output()
-                ),
-                Err(_) => panic!(
-                    "timed out waiting for the log line {message:?}:\n{}",
-                    self.output()
-                ),
-            }
-        }
-    }
-
-    /// The `listen` address of the log line `message`.
-    async fn listen_addr(&mut self, message: &str) -> SocketAddr {
-        let line = self.wait_for_log(message).await;
-        let addr: SocketAddr = line["listen"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no listen address in {line}"));
-        assert!(addr.ip().is_loopback() && addr.port() != 0, "{line}");
-        addr
-    }
-
-    async fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("still running");
-        let waited = tokio::time::timeout(
-            PROCESS_BOUND,
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await;
-        let Ok(joined) = waited else {
-            // Not reaped yet, so the id is still this child's.
-            signal(self.pid, "KILL");
-            panic!(
-                "keygate serve did not exit within {PROCESS_BOUND:?}:\n{}",
-                self.output()
-            );
-        };
-        let status = joined.unwrap().unwrap();
-        let readers = std::mem::take(&mut self.readers);
-        tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| r.join().unwrap()))
-            .await
-            .unwrap();
-        status
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(self.pid, "KILL");
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Runs a CLI command to completion within [`PROCESS_BOUND`]; returns its stdout.
-fn run_ok(mut c: Command) -> String {
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keygate");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let Ok(out) = rx.recv_timeout(PROCESS_BOUND) else {
-        signal(pid, "KILL");
-        panic!("keygate {c:?} did not finish within {PROCESS_BOUND:?}");
-    };
-    let out = out.unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_configuration_of_a_running_binary() {
     let up = start_upstream().await;
@@ -759,19 +581,16 @@ async fn sighup_reloads_the_configuration_of_a_running_binary() {
     };
     std::fs::write(&target, text("")).unwrap();
 
-    let created: Value = serde_json::from_str(&run_ok({
-        let mut c = keygate(dir.path(), &config);
-        c.args([
-            "keys", "create", "--name", "ops", "--role", "operator", "--json",
-        ]);
-        c
-    }))
-    .unwrap();
+    let mut c = keygate(dir.path(), &config);
+    c.args([
+        "keys", "create", "--name", "ops", "--role", "operator", "--json",
+    ]);
+    let created = run_command(c).ok().json();
     let secret = created["secret"].as_str().expect("secret").to_string();
     let auth = [("x-api-key", secret.as_str())];
 
-    let mut serve = Serve::start(keygate(dir.path(), &config));
-    let addr = serve.listen_addr("data plane listening").await;
+    let mut serve = Serve::start(keygate(dir.path(), &config)).await;
+    let addr = serve.addr;
     let admin = serve.listen_addr("admin API listening").await;
     let deployment_of = |a: &Answer| {
         upstream_headers(a)["x-keygate-deployment"]
@@ -818,8 +637,7 @@ async fn sighup_reloads_the_configuration_of_a_running_binary() {
     );
     assert!(metric(admin, RELOADS_FAILED).await >= 1.0);
 
-    signal(serve.pid, "TERM");
-    let status = serve.wait_exit().await;
+    let status = serve.stop().await;
     assert_eq!(status.code(), Some(0), "{status:?}\n{}", serve.output());
 }
 
@@ -886,21 +704,33 @@ fn peer_cert(s: &TlsStream) -> CertificateDer<'static> {
 const ALL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_serves_http1_and_http2_and_swaps_certificates() {
-    let up = start_upstream().await;
-    let (cert1, key1, der1) = self_signed();
-    let gw = start_gateway_with(|dir| {
-        std::fs::write(dir.join("cert.pem"), &cert1).unwrap();
-        std::fs::write(dir.join("key.pem"), &key1).unwrap();
+/// A gateway as [`app_config`] with `server_lines` in `[server]` and a TLS listener on
+/// 127.0.0.1:0 serving `cert` and `key` (PEM), written to its directory as `cert.pem` and
+/// `key.pem`.
+async fn start_tls_gateway(
+    up: SocketAddr,
+    server_lines: &str,
+    cert: &str,
+    key: &str,
+) -> TestGateway {
+    start_gateway_with(|dir| {
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
         let tls = format!(
-            "\n[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "{server_lines}\n[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
             dir.join("cert.pem").display(),
             dir.join("key.pem").display()
         );
         app_config(dir, up, &tls, "")
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http1_and_http2_and_swaps_certificates() {
+    let up = start_upstream().await;
+    let (cert1, key1, der1) = self_signed();
+    let gw = start_tls_gateway(up, "", &cert1, &key1).await;
     let (id, secret) = gw.operator_key();
     let tls_addr = gw.running.tls_addr.expect("a TLS listener");
     let (cert2, key2, der2) = self_signed();
@@ -1210,17 +1040,7 @@ async fn proxy_protocol_gives_the_client_address() {
 async fn proxy_protocol_header_precedes_the_tls_handshake() {
     let up = start_upstream().await;
     let (cert, key, der) = self_signed();
-    let gw = start_gateway_with(|dir| {
-        std::fs::write(dir.join("cert.pem"), &cert).unwrap();
-        std::fs::write(dir.join("key.pem"), &key).unwrap();
-        let tls = format!(
-            "proxy_protocol = true\n\n[server.tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        );
-        app_config(dir, up, &tls, "")
-    })
-    .await;
+    let gw = start_tls_gateway(up, "proxy_protocol = true\n", &cert, &key).await;
     let (_, secret) = gw.operator_key();
     let tls_addr = gw.running.tls_addr.unwrap();
     let mut tcp = TcpStream::connect(tls_addr).await.unwrap();

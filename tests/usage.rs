@@ -6,14 +6,13 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::serve::{keygate, run_command, Serve};
 use common::*;
 use http::{HeaderValue, Method};
 use keygate::audit::Actor;
@@ -378,8 +377,7 @@ async fn usage_is_counted_by_deployment_operation_and_status_class() {
                 "usage_flush_interval = \"1h\"\n\n\
                  [[deployments]]\nname = \"api\"\nupstream = \"http://{up}\"\npath_prefix = \"/api\"\n\
                  \x20 [[deployments.routes]]\n  name = \"status_check\"\n  path = \"/status\"\n\n\
-                 [[deployments]]\nname = \"app\"\nupstream = \"echo\"\n\
-                 \x20 [[deployments.routes]]\n  name = \"create_scenarios\"\n  methods = [\"POST\"]\n  path = \"/scenarios\"\n  scope = \"create_scenarios\"\n"
+                 [[deployments]]\nname = \"app\"\nupstream = \"echo\"\n{CREATE_SCENARIOS_ROUTE}"
             ),
         )
     })
@@ -693,60 +691,6 @@ async fn graceful_shutdown_flushes_every_count() {
 // 8. kill -9 of the real binary loses at most one interval
 // ---------------------------------------------------------------------------------------
 
-/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn keygate(config: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-    // Hermetic: no RUST_LOG, KEYGATE_PEPPER, KEYGATE_ADMIN_KEY or KEYGATE_CONFIG from outside.
-    c.env_clear().arg("--config").arg(config);
-    c
-}
-
-/// Waits for a JSON log line with `message` and returns its `listen` field.
-async fn listen_addr(
-    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
-    seen: &mut Vec<String>,
-    message: &str,
-) -> SocketAddr {
-    if let Some(addr) = seen.iter().find_map(|l| listen_field(l, message)) {
-        return addr;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = tokio::time::timeout_at(deadline, lines.recv())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no {message:?} log line within 30 s; got:\n{}",
-                    seen.join("\n")
-                )
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "keygate serve exited before {message:?}; output:\n{}",
-                    seen.join("\n")
-                )
-            });
-        seen.push(line);
-        if let Some(addr) = listen_field(seen.last().unwrap(), message) {
-            return addr;
-        }
-    }
-}
-
-fn listen_field(line: &str, message: &str) -> Option<SocketAddr> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["message"] == message).then(|| v["listen"].as_str()?.parse().ok())?
-}
-
 fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -770,62 +714,25 @@ async fn kill_9_loses_at_most_one_flush_interval() {
     .unwrap();
 
     // The key is made offline, before the gateway runs.
-    let out = keygate(&config)
-        .args([
-            "keys",
-            "create",
-            "--name",
-            "killed",
-            "--role",
-            "operator",
-            "--rate-limit",
-            "none",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "keys create failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let created: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "keys create --json is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let mut c = keygate(dir.path(), &config);
+    c.args([
+        "keys",
+        "create",
+        "--name",
+        "killed",
+        "--role",
+        "operator",
+        "--rate-limit",
+        "none",
+        "--json",
+    ]);
+    let created = run_command(c).ok().json();
     let id = created["key"]["id"].as_str().unwrap().to_string();
     let secret = created["secret"].as_str().unwrap().to_string();
 
-    let mut child = keygate(&config)
-        .arg("serve")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut child = KillOnDrop(child);
-    // Read stdout on a thread for as long as the process lives, so access logs never block it.
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let data = listen_addr(&mut lines, &mut seen, "data plane listening").await;
-    let admin = listen_addr(&mut lines, &mut seen, "admin API listening").await;
-    assert!(
-        data.ip().is_loopback()
-            && data.port() != 0
-            && admin.ip().is_loopback()
-            && admin.port() != 0
-    );
+    let mut serve = Serve::start(keygate(dir.path(), &config)).await;
+    let data = serve.addr;
+    let admin = serve.listen_addr("admin API listening").await;
 
     const M: u64 = 40;
     for i in 0..M {
@@ -861,8 +768,7 @@ async fn kill_9_loses_at_most_one_flush_interval() {
     for _ in 0..K {
         assert_eq!(get(data, "/x", &[("x-api-key", &secret)]).await.status, 200);
     }
-    child.0.kill().unwrap(); // SIGKILL
-    let status = child.0.wait().unwrap();
+    let status = serve.kill().await; // SIGKILL
     assert!(!status.success(), "killed, not exited: {status:?}");
 
     let store = Arc::new(reopen(&store_path).await);

@@ -1,6 +1,9 @@
 //! Shared test harness: an in-process upstream and gateway on 127.0.0.1:0, a key helper
-//! and a small HTTP client. No fixed ports, no sleeps for readiness.
+//! and a small HTTP client. No fixed ports, no sleeps for readiness. The [`serve`] module
+//! runs the compiled binary as a child process (CLI commands and `keygate serve`).
 #![allow(dead_code)]
+
+pub mod serve;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -350,6 +353,26 @@ pub async fn gated_upstream() -> GatedUpstream {
         release,
     }
 }
+
+/// A route rule to follow a `[[deployments]]` table: `POST /scenarios` requires the scope
+/// `create_scenarios`.
+pub const CREATE_SCENARIOS_ROUTE: &str = r#"
+  [[deployments.routes]]
+  name = "create_scenarios"
+  methods = ["POST"]
+  path = "/scenarios"
+  scope = "create_scenarios"
+"#;
+
+/// A route rule to follow a `[[deployments]]` table: `GET` and `HEAD /scenarios` require the
+/// scope `read_scenarios`.
+pub const READ_SCENARIOS_ROUTE: &str = r#"
+  [[deployments.routes]]
+  name = "read_scenarios"
+  methods = ["GET", "HEAD"]
+  path = "/scenarios"
+  scope = "read_scenarios"
+"#;
 
 /// Every field of a key's JSON form (SPEC §1).
 pub const KEY_FIELDS: [&str; 17] = [
