@@ -154,9 +154,40 @@ fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
         Decision::Denied { limit, reset, .. } => (limit, 0, reset),
     };
     headers.reserve(3);
-    headers.insert(&RATELIMIT_LIMIT, HeaderValue::from(limit));
-    headers.insert(&RATELIMIT_REMAINING, HeaderValue::from(remaining));
-    headers.insert(&RATELIMIT_RESET, HeaderValue::from(reset));
+    headers.insert(&RATELIMIT_LIMIT, count_header(u64::from(limit)));
+    headers.insert(&RATELIMIT_REMAINING, count_header(u64::from(remaining)));
+    headers.insert(&RATELIMIT_RESET, count_header(reset));
+}
+
+/// `n` as a header value. Values below 4096 (most limits, remainders and resets) come from a
+/// table made once, so they are neither formatted nor allocated per response.
+fn count_header(n: u64) -> HeaderValue {
+    const CACHED: usize = 4096;
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        // One buffer with every number, kept for the life of the process: static header
+        // values are cloned without reference counting.
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(CACHED);
+        for i in 0..CACHED {
+            text.push_str(&i.to_string());
+            ends.push(text.len());
+        }
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.iter()
+            .map(|&end| {
+                let v = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                v
+            })
+            .collect()
+    });
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| table.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 fn counts_as_failed_auth(e: &GatewayError) -> bool {
@@ -566,5 +597,15 @@ impl Gateway {
         *resp.status_mut() = StatusCode::OK;
         proxy::set_identity_headers(resp.headers_mut(), &key, m.deployment);
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn count_headers_match_their_numbers() {
+        for n in [0u64, 1, 9, 10, 4095, 4096, 100_000_000, u64::MAX] {
+            assert_eq!(super::count_header(n), n.to_string().as_str(), "{n}");
+        }
     }
 }
