@@ -33,6 +33,35 @@ pub fn monotonic() -> Duration {
     coarse(libc::CLOCK_MONOTONIC_COARSE).unwrap_or_default()
 }
 
+/// Milliseconds since its creation on the coarse monotonic clock, for timers read on every
+/// I/O (connection activity, request-body progress): a reading is cheap, and a reading turns
+/// back into a `tokio` instant for the deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct CoarseStopwatch {
+    start: std::time::Instant,
+    start_coarse: Duration,
+}
+
+impl CoarseStopwatch {
+    /// Starts now.
+    pub fn start() -> Self {
+        CoarseStopwatch {
+            start: std::time::Instant::now(),
+            start_coarse: monotonic(),
+        }
+    }
+
+    /// Milliseconds since the start.
+    pub fn elapsed_ms(&self) -> u64 {
+        monotonic().saturating_sub(self.start_coarse).as_millis() as u64
+    }
+
+    /// The instant `ms` milliseconds after the start, plus `after`.
+    pub fn at(&self, ms: u64, after: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(ms) + after)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
 use crate::body::{self, Body};
+use crate::clock::CoarseStopwatch;
 use crate::config::{AuthConfig, Deployment};
 use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
@@ -32,31 +33,26 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 /// When a request body last moved on its way upstream (on the coarse clock: it is read for
 /// every body frame, and the timeouts it serves are seconds long).
 struct Progress {
-    epoch: Instant,
-    epoch_coarse: Duration,
+    clock: CoarseStopwatch,
     last_ms: AtomicU64,
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
-            epoch: Instant::now(),
-            epoch_coarse: crate::clock::monotonic(),
+            clock: CoarseStopwatch::start(),
             last_ms: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        let ms = crate::clock::monotonic()
-            .saturating_sub(self.epoch_coarse)
-            .as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms
+            .store(self.clock.elapsed_ms(), Ordering::Relaxed);
     }
 
     /// `timeout` after the body last moved (or after the start, for a body never polled).
     fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        tokio::time::Instant::from_std(last + timeout)
+        self.clock.at(self.last_ms.load(Ordering::Relaxed), timeout)
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminApi;
 use crate::audit::Actor;
 use crate::body::Body;
+use crate::clock::CoarseStopwatch;
 use crate::config::Config;
 use crate::direct::DirectUpstream;
 use crate::gateway::Gateway;
@@ -91,9 +92,7 @@ const NOT_WAITING: u64 = u64::MAX;
 /// connection's idle and header-read timeouts. (hyper's own header timer also runs between
 /// keep-alive requests, which would cut idle connections at `header_read_timeout`.)
 struct Activity {
-    epoch: Instant,
-    /// `epoch` on the coarse clock (per-I/O reads use it).
-    epoch_coarse: Duration,
+    clock: CoarseStopwatch,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     headers_since_ms: AtomicU64,
@@ -104,8 +103,7 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Activity {
-            epoch: Instant::now(),
-            epoch_coarse: crate::clock::monotonic(),
+            clock: CoarseStopwatch::start(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             // From accept, the first request's headers are awaited.
@@ -116,9 +114,7 @@ impl Activity {
     }
 
     fn now_ms(&self) -> u64 {
-        crate::clock::monotonic()
-            .saturating_sub(self.epoch_coarse)
-            .as_millis() as u64
+        self.clock.elapsed_ms()
     }
 
     fn touch(&self) {
@@ -151,16 +147,13 @@ impl Activity {
     }
 
     fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
-        let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        tokio::time::Instant::from_std(last + idle)
+        self.clock.at(self.last_ms.load(Ordering::Relaxed), idle)
     }
 
     /// When the awaited request headers are overdue, if headers are awaited.
     fn header_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
         let since = self.headers_since_ms.load(Ordering::Relaxed);
-        (since != NOT_WAITING).then(|| {
-            tokio::time::Instant::from_std(self.epoch + Duration::from_millis(since) + timeout)
-        })
+        (since != NOT_WAITING).then(|| self.clock.at(since, timeout))
     }
 }
 
