@@ -539,7 +539,7 @@ impl Gateway {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
                 let req = Request::from_parts(parts, incoming);
-                proxy::forward(client, Some(direct), target, req, d.timeout).await
+                proxy::forward(client, direct, target, req, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {

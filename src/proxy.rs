@@ -553,12 +553,11 @@ async fn send_direct(
 /// Sends `req` (origin-form URI, no `Host`) upstream and streams the answer back. `timeout`
 /// bounds the wait for the response headers, counted from when the request body last moved
 /// (so a long upload that keeps moving is not cut, and a stalled one is). Plain-HTTP
-/// requests go on the client connection's own upstream connection when `direct` is given;
-/// upgrade requests go through the pool and are spliced to the upstream's upgraded
-/// connection.
+/// requests go on the client connection's own upstream connection (`direct`); upgrade
+/// requests go through the pool and are spliced to the upstream's upgraded connection.
 pub async fn forward(
     client: &UpstreamClient,
-    direct: Option<&DirectUpstream>,
+    direct: &DirectUpstream,
     target: &UpstreamTarget,
     mut req: Request<Incoming>,
     timeout: Duration,
@@ -571,9 +570,10 @@ pub async fn forward(
         inner,
         progress: progress.clone(),
     });
-    let resp = match direct.filter(|_| !upgrade && target.scheme == Scheme::HTTP) {
-        Some(direct) => send_direct(direct, client, target, req, &progress, timeout).await?,
-        None => Box::pin(send_pooled(client, target, req, &progress, timeout)).await?,
+    let resp = if !upgrade && target.scheme == Scheme::HTTP {
+        send_direct(direct, client, target, req, &progress, timeout).await?
+    } else {
+        Box::pin(send_pooled(client, target, req, &progress, timeout)).await?
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let mut resp = resp;

@@ -79,12 +79,9 @@ impl KeyLimits {
         Self::default()
     }
 
+    /// The limiter for `key` at `limit`, made (or replaced) when the map has none at that
+    /// limit; `check` looks for a current one first.
     fn slot(&self, key: KeyId, limit: Limit) -> Arc<Slot> {
-        if let Some(s) = self.slots.get(&key) {
-            if s.limit == limit {
-                return s.clone();
-            }
-        }
         let fresh = Arc::new(Slot {
             limit,
             limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone())
