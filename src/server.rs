@@ -421,23 +421,27 @@ pub async fn serve_listener<H: Handler>(
                     let shutdown = shutdown.clone();
                     let open = open_tx.clone();
                     let tls = tls.clone();
-                    let Some(workers) = &workers else {
-                        tokio::spawn(async move {
-                            accept_connection(stream, peer, handler, tls, shutdown).await;
-                            drop(open);
-                        });
-                        continue;
+                    // Handed over as a std stream: it registers with the reactor of the
+                    // runtime that serves it (a worker's, or this one).
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %e, "cannot hand a connection over");
+                            continue;
+                        }
                     };
-                    // Re-registered with the worker's own reactor there.
-                    match stream.into_std() {
-                        Ok(stream) => workers.spawn(async move {
-                            match TcpStream::from_std(stream) {
-                                Ok(stream) => accept_connection(stream, peer, handler, tls, shutdown).await,
-                                Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot hand a connection to a worker"),
-                            }
-                            drop(open);
-                        }),
-                        Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot hand a connection to a worker"),
+                    let task = async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(stream) => accept_connection(stream, peer, handler, tls, shutdown).await,
+                            Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot hand a connection over"),
+                        }
+                        drop(open);
+                    };
+                    match &workers {
+                        Some(workers) => workers.spawn(task),
+                        None => {
+                            tokio::spawn(task);
+                        }
                     }
                 }
                 Err(e) => {
