@@ -6,62 +6,18 @@
 //! `cargo bench --bench decision`
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method, Uri};
-use keygate::config::Config;
-use keygate::gateway::{Gateway, Outcome};
-use keygate::keyindex::KeyIndex;
+use keygate::gateway::Outcome;
 use keygate::keys::{KeyRecord, Role, SecretHasher};
 use keygate::proxy::{self, ConnInfo};
-use keygate::store::Store;
-use keygate::usage::Usage;
 
-const CONFIG: &str = r#"
-[rate_limit]
-default = "1000000000/1s"
-[[deployments]]
-name = "app"
-upstream = "echo"
-  [[deployments.routes]]
-  name = "read_items"
-  methods = ["GET"]
-  path = "/items"
-  scope = "read"
-"#;
+#[path = "support/decision_setup.rs"]
+mod decision_setup;
 
-/// A gateway with `n` keys; returns it and up to 1024 of the secrets.
-fn gateway(n: usize, dir: &std::path::Path) -> (Gateway, Vec<String>) {
-    let config = Config::parse(&dir.join("gateway.toml"), CONFIG).expect("bench config");
-    let hasher = SecretHasher::new(None);
-    let index = Arc::new(KeyIndex::new());
-    let mut secrets = Vec::new();
-    let mut batch = Vec::with_capacity(10_000);
-    for i in 0..n {
-        let (record, secret) = KeyRecord::issue(
-            format!("key {i}"),
-            Role::Operator,
-            vec!["read".into()],
-            vec!["app".into()],
-            &hasher,
-        )
-        .expect("entropy");
-        batch.push(record);
-        if secrets.len() < 1024 {
-            secrets.push(secret);
-        }
-        if batch.len() == batch.capacity() {
-            index.load(batch.iter());
-            batch.clear();
-        }
-    }
-    index.load(batch.iter());
-    let store = Arc::new(Store::open(&dir.join("bench.redb")).expect("store"));
-    let usage = Arc::new(Usage::new(store).expect("usage"));
-    (Gateway::new(config, index, hasher, usage), secrets)
-}
+use decision_setup::{gateway, request_heads};
 
 /// Key counts to measure. `cargo test --all-targets` runs benches once as a smoke test
 /// (without `--bench`); there the big indexes would only cost time.
@@ -81,15 +37,7 @@ fn decision(c: &mut Criterion) {
     for &n in key_counts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (gw, secrets) = gateway(n, dir.path());
-        let heads: Vec<HeaderMap> = secrets
-            .iter()
-            .map(|s| {
-                let mut h = HeaderMap::new();
-                h.insert("x-api-key", HeaderValue::from_str(s).expect("header"));
-                h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
-                h
-            })
-            .collect();
+        let heads = request_heads(&secrets);
         let rt = gw.runtime.load_full();
         let mut i = 0usize;
         group.bench_with_input(BenchmarkId::new("admit_and_count", n), &n, |b, _| {

@@ -2,15 +2,14 @@
 //! `valgrind --tool=callgrind`): `cargo run --release --example decision_profile -- 100000 200000`.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, Uri};
-use keygate::config::Config;
-use keygate::gateway::{Gateway, Outcome};
-use keygate::keyindex::KeyIndex;
-use keygate::keys::{KeyRecord, Role, SecretHasher};
-use keygate::store::Store;
-use keygate::usage::Usage;
+use http::{Method, Uri};
+use keygate::gateway::Outcome;
+
+#[path = "../benches/support/decision_setup.rs"]
+mod decision_setup;
+
+use decision_setup::{gateway, request_heads};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()
@@ -22,38 +21,9 @@ fn main() -> anyhow::Result<()> {
         args.get(1).copied().unwrap_or(200_000),
     );
     let dir = tempfile::tempdir()?;
-    let config = Config::parse(
-        &dir.path().join("gateway.toml"),
-        "[rate_limit]\ndefault = \"1000000000/1s\"\n[[deployments]]\nname = \"app\"\nupstream = \"echo\"\n  [[deployments.routes]]\n  name = \"read_items\"\n  methods = [\"GET\"]\n  path = \"/items\"\n  scope = \"read\"\n",
-    )?;
-    let hasher = SecretHasher::new(None);
-    let index = Arc::new(KeyIndex::with_capacity(n));
-    let mut secrets = Vec::new();
-    for i in 0..n {
-        let (r, secret) = KeyRecord::issue(
-            format!("key {i}"),
-            Role::Operator,
-            vec!["read".into()],
-            vec!["app".into()],
-            &hasher,
-        )?;
-        index.apply(None, Some(&r));
-        if secrets.len() < 1024 {
-            secrets.push(secret);
-        }
-    }
-    let store = Arc::new(Store::open(&dir.path().join("p.redb"))?);
-    let gw = Gateway::new(config, index, hasher, Arc::new(Usage::new(store)?));
+    let (gw, secrets) = gateway(n, dir.path());
     let rt = gw.runtime.load_full();
-    let heads: Vec<HeaderMap> = secrets
-        .iter()
-        .map(|s| {
-            let mut h = HeaderMap::new();
-            h.insert("x-api-key", HeaderValue::from_str(s).expect("header"));
-            h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
-            h
-        })
-        .collect();
+    let heads = request_heads(&secrets);
     let uri: Uri = "/items/42?x=1".parse()?;
     let ip: IpAddr = "10.1.2.3".parse()?;
     let started = std::time::Instant::now();
