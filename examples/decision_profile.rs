@@ -6,6 +6,10 @@ use std::net::IpAddr;
 use http::{Method, Uri};
 use keygate::gateway::Outcome;
 
+// The allocator the binary ships with (memory layout decides much of the 1M-key case).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../benches/support/decision_setup.rs"]
 mod decision_setup;
 

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Method};
-use keygate::keyindex::KeyId;
 use keygate::store::Store;
 use keygate::usage::{Hit, Operation, Usage};
 
@@ -14,18 +13,24 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
     let usage = Usage::new(Arc::new(Store::open(&dir.path().join("u.redb"))?))?;
-    let ids: Vec<KeyId> = (0..n)
-        .map(|i| KeyId::from(format!("key_{i:016}").as_str()))
+    let keys: Vec<(String, _)> = (0..n)
+        .map(|i| {
+            let id = format!("key_{i:016}");
+            let state = usage.key_states().of_id(&id);
+            (id, state)
+        })
         .collect();
+    let op = Operation::Method(Method::GET);
     let dep: Arc<str> = Arc::from("app");
     let ua = HeaderValue::from_static("wrk/4.1");
     for round in 0..5 {
         let now = chrono::Utc::now().timestamp();
-        for id in &ids {
+        for (id, state) in &keys {
             usage.record(Hit {
-                key: id.clone(),
+                key: id,
+                state,
                 deployment: &dep,
-                operation: Operation::Method(Method::GET),
+                operation: &op,
                 status: 200,
                 now,
                 ip: "10.0.0.1".parse()?,

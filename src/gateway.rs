@@ -2,6 +2,7 @@
 //! route → (failed-auth guard) → authenticate → authorise → rate limit → forward → count
 //! usage and metrics → access log.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -35,7 +36,8 @@ struct DeploymentRuntime {
     client: Option<UpstreamClient>,
     target: Option<UpstreamTarget>,
     name: Arc<str>,
-    route_names: Vec<Arc<str>>,
+    /// One operation per route rule, made once (requests refer to them, cloning nothing).
+    route_operations: Vec<Operation>,
     counters: Arc<DeploymentCounters>,
 }
 
@@ -75,7 +77,11 @@ impl Runtime {
                     )),
                 },
                 name: Arc::from(d.name.as_str()),
-                route_names: d.routes.iter().map(|r| Arc::from(r.name.as_str())).collect(),
+                route_operations: d
+                    .routes
+                    .iter()
+                    .map(|r| Operation::Route(Arc::from(r.name.as_str())))
+                    .collect(),
                 counters: metrics.deployment(&d.name),
             })
             .collect();
@@ -94,7 +100,7 @@ pub struct Gateway {
     pub keys: Arc<KeyIndex>,
     /// Secret hasher.
     pub hasher: SecretHasher,
-    /// Per-key rate limiters.
+    /// Per-key rate limits (the limiters live in each key's state).
     pub limits: KeyLimits,
     /// Failed authentications per client IP.
     pub failed_auth: FailedAuth,
@@ -113,13 +119,33 @@ pub struct Outcome {
     now: i64,
     key: Option<Arc<LiveKey>>,
     deployment: Option<usize>,
-    operation: Option<Operation>,
+    operation: Option<OperationRef>,
     error: Option<&'static str>,
     authorized: bool,
     rate: Option<Decision>,
 }
 
+/// The operation a request counts under, as the outcome records it: a route rule by index
+/// into its deployment's operations, or the method.
+enum OperationRef {
+    Route(usize),
+    Method(Method),
+}
+
 impl Outcome {
+    /// The operation, resolved in `rt` (borrowed for a route rule).
+    fn operation<'a>(&self, rt: &'a Runtime) -> Option<Cow<'a, Operation>> {
+        match self.operation.as_ref()? {
+            OperationRef::Route(i) => rt
+                .deployments
+                .get(self.deployment?)?
+                .route_operations
+                .get(*i)
+                .map(Cow::Borrowed),
+            OperationRef::Method(m) => Some(Cow::Owned(Operation::Method(m.clone()))),
+        }
+    }
+
     /// Records the error a request ended with.
     pub fn fail(&mut self, e: &GatewayError) {
         self.error = Some(e.code());
@@ -244,7 +270,7 @@ impl Gateway {
 
     /// Frees per-key state of a deleted key.
     pub fn forget_key(&self, id: &str) {
-        self.limits.forget(id);
+        self.usage.key_states().forget(id);
     }
 
     /// Handles one data-plane request: one access-log line, usage and metrics. `direct` is
@@ -291,7 +317,7 @@ impl Gateway {
             status,
             key_id = out.key.as_ref().map(|k| k.id_str()),
             deployment = dep.map(|d| &*d.name),
-            operation = out.operation.as_ref().map(Operation::as_str),
+            operation = out.operation(&rt).as_deref().map(Operation::as_str),
             error = out.error,
             latency_us = start.elapsed().as_micros() as u64,
             "request"
@@ -359,11 +385,12 @@ impl Gateway {
             self.metrics
                 .count_auth(if ok { "ok" } else { out.error.unwrap_or("ok") });
         }
-        if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation.clone()) {
+        if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation(rt)) {
             self.usage.record(Hit {
-                key: key.id(),
+                key: key.id_str(),
+                state: self.usage.key_states().of(key),
                 deployment: &d.name,
-                operation: op,
+                operation: &op,
                 status,
                 now: if out.now != 0 { out.now } else { unix_now() },
                 ip,
@@ -433,15 +460,15 @@ impl Gateway {
 
     fn note_route(&self, rt: &Runtime, m: &RouteMatch<'_>, method: &Method, out: &mut Outcome) {
         out.deployment = Some(m.index);
-        out.operation = Some(
-            match m
-                .route_index
-                .and_then(|i| rt.deployments.get(m.index)?.route_names.get(i))
-            {
-                Some(name) => Operation::Route(name.clone()),
-                None => Operation::Method(method.clone()),
-            },
-        );
+        let rule = m.route_index.filter(|&i| {
+            rt.deployments
+                .get(m.index)
+                .is_some_and(|d| i < d.route_operations.len())
+        });
+        out.operation = Some(match rule {
+            Some(i) => OperationRef::Route(i),
+            None => OperationRef::Method(method.clone()),
+        });
     }
 
     /// Failed-auth guard → credential → key → deployment/scope → rate limit.
@@ -468,9 +495,10 @@ impl Gateway {
         )?;
         out.key = Some(key.clone());
         authorize(&key, m.deployment, m.route, method)?;
-        let decision = self
-            .limits
-            .check(key.id(), cfg.limit_for(key.role, key.rate_limit.as_ref()));
+        let decision = self.limits.check(
+            &self.usage.key_states().of(&key).limiter,
+            cfg.limit_for(key.role, key.rate_limit.as_ref()),
+        );
         out.rate = Some(decision);
         if let Decision::Denied {
             limit,

@@ -19,6 +19,7 @@ use http::HeaderValue;
 use subtle::ConstantTimeEq;
 
 use crate::keys::{unhex, KeyRecord, Role, SecretDigest};
+use crate::keystate::StateSlot;
 use crate::units::Limit;
 
 /// A key id (`key_…`) sharing its key's string buffer: cloning it allocates nothing.
@@ -41,15 +42,20 @@ impl KeyId {
 
 impl Hash for KeyId {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        // Ids end in 16 random base62 characters: their last 8 bytes are hash enough.
-        match self.0.len().checked_sub(8) {
-            Some(tail) => {
-                let mut word = [0u8; 8];
-                word.copy_from_slice(&self.0[tail..]);
-                state.write_u64(u64::from_le_bytes(word));
-            }
-            None => state.write(&self.0),
+        hash_id(&self.0, state);
+    }
+}
+
+/// Hashes key id bytes the way [`KeyId`] does (for lookups by borrowed id): ids end in 16
+/// random base62 characters, so their last 8 bytes are hash enough.
+pub fn hash_id<H: Hasher>(id: &[u8], state: &mut H) {
+    match id.len().checked_sub(8) {
+        Some(tail) => {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&id[tail..]);
+            state.write_u64(u64::from_le_bytes(word));
         }
+        None => state.write(id),
     }
 }
 
@@ -102,6 +108,8 @@ pub struct LiveKey {
     pub expires_at: Option<i64>,
     /// The key's own limit: `None` = role/default, `Some(None)` = unlimited.
     pub rate_limit: Option<Option<Limit>>,
+    /// Its limiter and last use, once it has been used (see `keystate`).
+    state: StateSlot,
 }
 
 impl std::fmt::Debug for LiveKey {
@@ -171,6 +179,7 @@ impl LiveKey {
                 .rate_limit
                 .as_deref()
                 .map(|l| Limit::parse(l).ok().flatten()),
+            state: StateSlot::new(),
         }
     }
 
@@ -278,6 +287,7 @@ impl LiveKey {
             all_deployments: flags & 1 != 0,
             expires_at: (expires != i64::MIN).then_some(expires),
             rate_limit,
+            state: StateSlot::new(),
         };
         Some((key, grace, flags & 2 != 0))
     }
@@ -302,6 +312,16 @@ impl LiveKey {
     /// The key id (shares this key's buffer).
     pub fn id(&self) -> KeyId {
         KeyId(self.text.slice(self.range(ID)))
+    }
+
+    /// The id's bytes (borrowed; no reference count touched).
+    pub fn id_bytes(&self) -> &[u8] {
+        &self.text[self.range(ID)]
+    }
+
+    /// The slot caching this key's per-request state.
+    pub fn state_slot(&self) -> &StateSlot {
+        &self.state
     }
 
     /// The key id as text.
@@ -394,25 +414,15 @@ impl Hasher for TagHasher {
     }
 }
 
-/// Constant-time equality of two digests, word by word.
+/// Constant-time equality of two digests: the words' differences are OR-ed together and
+/// only the result goes through `subtle` (one optimisation barrier instead of four).
 fn digest_eq(a: &SecretDigest, b: &SecretDigest) -> bool {
-    let word = |d: &SecretDigest, i: usize| {
-        u64::from_le_bytes([
-            d[i],
-            d[i + 1],
-            d[i + 2],
-            d[i + 3],
-            d[i + 4],
-            d[i + 5],
-            d[i + 6],
-            d[i + 7],
-        ])
-    };
-    let mut eq = subtle::Choice::from(1u8);
-    for i in (0..32).step_by(8) {
-        eq &= word(a, i).ct_eq(&word(b, i));
+    let mut diff = 0u64;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        diff |= word(x) ^ word(y);
     }
-    eq.into()
+    diff.ct_eq(&0).into()
 }
 
 fn tag(d: &SecretDigest) -> u64 {

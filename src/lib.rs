@@ -17,6 +17,7 @@ pub mod error;
 pub mod gateway;
 pub mod keyindex;
 pub mod keys;
+pub mod keystate;
 pub mod logging;
 pub mod manage;
 pub mod metrics;

@@ -15,7 +15,6 @@ use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::keyindex::KeyId;
 use crate::units::Limit;
 
 type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
@@ -61,58 +60,70 @@ pub enum Decision {
     },
 }
 
-struct Slot {
+/// A limiter made for one limit.
+pub struct Slot {
     limit: Limit,
     limiter: KeyLimiter,
+    /// Time per request (`period / requests`) and the window in whole seconds, worked out
+    /// once: divisions cost more than the rest of the check.
+    per_cell: Duration,
+    window: u64,
 }
 
-/// Per-key limiters, created on first use and replaced when the key's limit changes.
+impl Slot {
+    fn new(limit: Limit, clock: &DefaultClock) -> Self {
+        Slot {
+            limit,
+            limiter: RateLimiter::direct_with_clock(quota(limit), clock.clone()).with_middleware(),
+            per_cell: limit.period / limit.requests.max(1),
+            window: ceil_secs(limit.period),
+        }
+    }
+}
+
+/// A key's limiter (in its `keystate::KeyState`): made on the key's first limited request and
+/// replaced when its limit changes (key update or config reload).
+pub type LimiterCell = ArcSwapOption<Slot>;
+
+/// Decides per-key limits; the limiter state itself lives in each key's [`LimiterCell`].
 #[derive(Default)]
 pub struct KeyLimits {
-    slots: DashMap<KeyId, Arc<Slot>, foldhash::fast::RandomState>,
     clock: DefaultClock,
 }
 
 impl KeyLimits {
-    /// New, empty.
+    /// New.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The limiter for `key` at `limit`, made (or replaced) when the map has none at that
-    /// limit; `check` looks for a current one first.
-    fn slot(&self, key: KeyId, limit: Limit) -> Arc<Slot> {
-        let fresh = Arc::new(Slot {
-            limit,
-            limiter: RateLimiter::direct_with_clock(quota(limit), self.clock.clone())
-                .with_middleware(),
-        });
-        let mut entry = self.slots.entry(key).or_insert_with(|| fresh.clone());
-        if entry.limit != limit {
-            *entry = fresh;
-        }
-        entry.clone()
-    }
-
-    /// Counts one request of `key` against `limit`.
-    pub fn check(&self, key: KeyId, limit: Option<Limit>) -> Decision {
+    /// Counts one request against `limit` with the key's limiter in `cell`.
+    pub fn check(&self, cell: &LimiterCell, limit: Option<Limit>) -> Decision {
         let Some(limit) = limit else {
             return Decision::Unlimited;
         };
-        // Fast path: decide under the map's read guard (no Arc clone, no entry lookup).
-        if let Some(s) = self.slots.get(&key) {
-            if s.limit == limit {
-                return self.decide(&s.limiter, limit);
+        if let Some(slot) = cell.load().as_deref() {
+            if slot.limit == limit {
+                return self.decide(slot);
             }
         }
-        let slot = self.slot(key, limit);
-        self.decide(&slot.limiter, limit)
+        // First limited request, or the limit changed: a fresh limiter, unless a concurrent
+        // request has just installed one for this same limit.
+        let fresh = Arc::new(Slot::new(limit, &self.clock));
+        let mut installed = fresh.clone();
+        cell.rcu(|current| {
+            installed = match current {
+                Some(s) if s.limit == limit => s.clone(),
+                _ => fresh.clone(),
+            };
+            Some(installed.clone())
+        });
+        self.decide(&installed)
     }
 
-    fn decide(&self, limiter: &KeyLimiter, limit: Limit) -> Decision {
-        let per_cell = limit.period / limit.requests.max(1);
-        let window = ceil_secs(limit.period);
-        match limiter.check() {
+    fn decide(&self, slot: &Slot) -> Decision {
+        let (limit, per_cell, window) = (slot.limit, slot.per_cell, slot.window);
+        match slot.limiter.check() {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let used = limit.requests.saturating_sub(remaining);
@@ -133,21 +144,6 @@ impl KeyLimits {
                 }
             }
         }
-    }
-
-    /// Frees the limiter of a deleted key.
-    pub fn forget(&self, key: &str) {
-        self.slots.remove(&KeyId::from(key));
-    }
-
-    /// Number of keys with limiter state.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// True when no key has limiter state.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 }
 
@@ -257,10 +253,10 @@ mod tests {
     #[test]
     fn exactly_n_pass_then_denied() {
         let limits = KeyLimits::new();
-        let key = KeyId::from("key_a");
+        let cell = LimiterCell::default();
         let limit = Limit::parse("5/1m").unwrap();
         for i in 0..5 {
-            match limits.check(key.clone(), limit) {
+            match limits.check(&cell, limit) {
                 Decision::Allowed {
                     remaining,
                     limit: 5,
@@ -269,7 +265,7 @@ mod tests {
                 other => panic!("request {i}: {other:?}"),
             }
         }
-        match limits.check(key.clone(), limit) {
+        match limits.check(&cell, limit) {
             Decision::Denied {
                 retry_after,
                 limit: 5,
@@ -280,10 +276,10 @@ mod tests {
         }
         // A changed limit starts afresh.
         assert!(matches!(
-            limits.check(key.clone(), Limit::parse("6/1m").unwrap()),
+            limits.check(&cell, Limit::parse("6/1m").unwrap()),
             Decision::Allowed { remaining: 5, .. }
         ));
-        assert_eq!(limits.check(key.clone(), None), Decision::Unlimited);
+        assert_eq!(limits.check(&cell, None), Decision::Unlimited);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -15,8 +15,11 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::keyindex::KeyId;
+use arc_swap::ArcSwapOption;
+
+use crate::keyindex::{hash_id, KeyId};
 use crate::keys::{rfc3339, LastUsed};
+use crate::keystate::{KeyState, KeyStates};
 use crate::manage::LastUsedSource;
 use crate::store::{Store, StoreError};
 
@@ -81,7 +84,8 @@ impl Operation {
     }
 }
 
-#[derive(Debug, Clone, Eq)]
+/// A counter's identity as stored in the map.
+#[derive(Debug, Clone)]
 struct CounterKey {
     key: KeyId,
     day: u32,
@@ -90,33 +94,176 @@ struct CounterKey {
     class: u8,
 }
 
-impl PartialEq for CounterKey {
+/// A counter's identity by reference: what a request looks its counter up with, so the
+/// lookup clones (and reference-counts) nothing.
+#[derive(Clone, Copy)]
+struct CounterParts<'a> {
+    key: &'a [u8],
+    day: u32,
+    deployment: &'a Arc<str>,
+    operation: &'a Operation,
+    class: u8,
+}
+
+impl PartialEq for CounterParts<'_> {
     fn eq(&self, o: &Self) -> bool {
         self.day == o.day
             && self.class == o.class
             && self.key == o.key
-            && (Arc::ptr_eq(&self.deployment, &o.deployment) || self.deployment == o.deployment)
+            && (Arc::ptr_eq(self.deployment, o.deployment) || self.deployment == o.deployment)
             && self.operation == o.operation
     }
 }
 
-// Hashes the key and day only: a key has few deployment × operation × class counters a
-// day, and equality sorts those out; hashing the names too cost more than the collisions.
-impl std::hash::Hash for CounterKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key.hash(state);
-        state.write_u32(self.day);
+/// Owned and borrowed counter identities alike, so the map (keyed by [`CounterKey`]) can be
+/// probed with a [`CounterParts`] through `Borrow<dyn CounterIdentity>`.
+trait CounterIdentity {
+    fn parts(&self) -> CounterParts<'_>;
+}
+
+impl CounterIdentity for CounterKey {
+    fn parts(&self) -> CounterParts<'_> {
+        CounterParts {
+            key: self.key.as_bytes(),
+            day: self.day,
+            deployment: &self.deployment,
+            operation: &self.operation,
+            class: self.class,
+        }
     }
 }
 
-#[derive(Debug, Clone)]
-struct LastUse {
-    at: i64,
+impl CounterIdentity for CounterParts<'_> {
+    fn parts(&self) -> CounterParts<'_> {
+        *self
+    }
+}
+
+impl PartialEq for dyn CounterIdentity + '_ {
+    fn eq(&self, o: &Self) -> bool {
+        self.parts() == o.parts()
+    }
+}
+
+impl Eq for dyn CounterIdentity + '_ {}
+
+// Hashes the key and day only: a key has few deployment × operation × class counters a
+// day, and equality sorts those out; hashing the names too cost more than the collisions.
+impl std::hash::Hash for dyn CounterIdentity + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let p = self.parts();
+        hash_id(p.key, state);
+        state.write_u32(p.day);
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn CounterIdentity + 'a> for CounterKey {
+    fn borrow(&self) -> &(dyn CounterIdentity + 'a) {
+        self
+    }
+}
+
+// Both agree with the `dyn CounterIdentity` forms, as `Borrow` requires.
+impl PartialEq for CounterKey {
+    fn eq(&self, o: &Self) -> bool {
+        self.parts() == o.parts()
+    }
+}
+
+impl Eq for CounterKey {}
+
+impl std::hash::Hash for CounterKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self as &dyn CounterIdentity).hash(state);
+    }
+}
+
+/// The client address and user agent of a key's last use.
+#[derive(Debug)]
+struct Seen {
     ip: IpAddr,
     user_agent: Option<HeaderValue>,
-    dirty: bool,
-    /// `at` as last written to the store.
-    stored_at: i64,
+}
+
+/// A key's last use (in its `keystate::KeyState`), written lock-free by every request and
+/// read by the flush and reports.
+pub struct LastUseCell {
+    /// Unix seconds; 0 = not used since start.
+    at: AtomicI64,
+    /// Changed since the flush last wrote it.
+    dirty: AtomicBool,
+    /// `at` as last written to the store (the flush's own bookkeeping).
+    stored_at: AtomicI64,
+    /// Replaced only when the address or user agent changes (a key's clients rarely do).
+    seen: ArcSwapOption<Seen>,
+}
+
+impl Default for LastUseCell {
+    fn default() -> Self {
+        LastUseCell {
+            at: AtomicI64::new(0),
+            dirty: AtomicBool::new(false),
+            stored_at: AtomicI64::new(i64::MIN),
+            seen: ArcSwapOption::empty(),
+        }
+    }
+}
+
+impl LastUseCell {
+    fn record(&self, now: i64, ip: IpAddr, user_agent: Option<&HeaderValue>) {
+        let unchanged = self
+            .seen
+            .load()
+            .as_deref()
+            .is_some_and(|s| s.ip == ip && s.user_agent.as_ref() == user_agent);
+        if !unchanged {
+            self.seen.store(Some(Arc::new(Seen {
+                ip,
+                user_agent: user_agent.cloned(),
+            })));
+        }
+        self.at.store(now, Ordering::Relaxed);
+        // Release: whoever sees the flag set sees the values above.
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// The last use as stored, when the key was used since start.
+    fn snapshot(&self) -> Option<StoredLastUse> {
+        let at = self.at.load(Ordering::Acquire);
+        let seen = self.seen.load_full()?;
+        (at != 0).then(|| StoredLastUse {
+            at,
+            ip: seen.ip.to_string(),
+            user_agent: seen
+                .user_agent
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        })
+    }
+
+    /// Takes the change for a flush: the snapshot when the key changed since the last write
+    /// and (unless `all`) that write is old enough.
+    fn take_due(&self, all: bool) -> Option<StoredLastUse> {
+        if !self.dirty.load(Ordering::Acquire) {
+            return None;
+        }
+        let at = self.at.load(Ordering::Relaxed);
+        let stored_at = self.stored_at.load(Ordering::Relaxed);
+        if !all && at.saturating_sub(stored_at) < LAST_USED_PERSIST_SECS {
+            return None;
+        }
+        // Cleared before reading (a read-modify-write, so it sees the latest request's flag
+        // and values), and a request landing after this leaves it set for next time.
+        self.dirty.swap(false, Ordering::AcqRel);
+        let snap = self.snapshot()?;
+        self.stored_at.store(snap.at, Ordering::Relaxed);
+        Some(snap)
+    }
+
+    /// Marks the last use as not yet written (after a failed flush).
+    fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
 }
 
 /// A busy key's last-use row is rewritten at most this often by the periodic flush (reports
@@ -133,11 +280,13 @@ struct StoredLastUse {
 /// One request to count.
 pub struct Hit<'a> {
     /// Key id.
-    pub key: KeyId,
+    pub key: &'a str,
+    /// The key's state (from [`Usage::key_states`]), for its last use.
+    pub state: &'a KeyState,
     /// Deployment name.
     pub deployment: &'a Arc<str>,
     /// Operation.
-    pub operation: Operation,
+    pub operation: &'a Operation,
     /// Response status.
     pub status: u16,
     /// Unix seconds.
@@ -162,7 +311,8 @@ pub trait UsageReader: Send + Sync {
 pub struct Usage {
     store: Arc<Store>,
     counters: DashMap<CounterKey, AtomicU64, foldhash::fast::RandomState>,
-    last: DashMap<KeyId, LastUse, foldhash::fast::RandomState>,
+    /// Per-key state: the last uses live there (and the limiters, for the gateway).
+    states: KeyStates,
     /// Held for writing across a flush (read counters → commit → subtract) and a key's
     /// deletion, and for reading while a report merges stored rows with pending counters, so
     /// that a report never sees a count twice or not at all, flushes never overlap, and a
@@ -182,52 +332,45 @@ impl Usage {
         Ok(Usage {
             store,
             counters: DashMap::default(),
-            last: DashMap::default(),
+            states: KeyStates::default(),
             flush_lock: RwLock::new(()),
             last_flush_micros: AtomicU64::new(0),
         })
     }
 
+    /// Every key's per-request state.
+    pub fn key_states(&self) -> &KeyStates {
+        &self.states
+    }
+
     /// Counts one request. No disk, no await, no allocation once the counter exists.
     pub fn record(&self, hit: Hit<'_>) {
-        let key = CounterKey {
-            key: hit.key.clone(),
+        let probe = CounterParts {
+            key: hit.key.as_bytes(),
             day: day_number(hit.now),
-            deployment: hit.deployment.clone(),
+            deployment: hit.deployment,
             operation: hit.operation,
             class: class_of(hit.status),
         };
-        match self.counters.get(&key) {
+        match self.counters.get(&probe as &dyn CounterIdentity) {
             Some(c) => {
                 c.fetch_add(1, Ordering::Relaxed);
             }
             None => {
+                let key = CounterKey {
+                    key: KeyId::from(hit.key),
+                    day: probe.day,
+                    deployment: hit.deployment.clone(),
+                    operation: hit.operation.clone(),
+                    class: probe.class,
+                };
                 self.counters
                     .entry(key)
                     .or_insert_with(|| AtomicU64::new(0))
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        match self.last.get_mut(&hit.key) {
-            Some(mut l) => {
-                l.at = hit.now;
-                l.ip = hit.ip;
-                if l.user_agent.as_ref() != hit.user_agent {
-                    l.user_agent = hit.user_agent.cloned();
-                }
-                l.dirty = true;
-            }
-            None => {
-                let entry = LastUse {
-                    at: hit.now,
-                    ip: hit.ip,
-                    user_agent: hit.user_agent.cloned(),
-                    dirty: true,
-                    stored_at: i64::MIN,
-                };
-                self.last.insert(hit.key, entry);
-            }
-        }
+        hit.state.last_use.record(hit.now, hit.ip, hit.user_agent);
     }
 
     /// Requests counted but not yet committed to the store. A request leaves this count only
@@ -267,26 +410,12 @@ impl Usage {
                 (n > 0).then(|| (c.key().clone(), n))
             })
             .collect();
-        let mut lasts: Vec<(KeyId, StoredLastUse)> = Vec::new();
-        for mut l in self.last.iter_mut() {
-            let due = all_last_used || l.at.saturating_sub(l.stored_at) >= LAST_USED_PERSIST_SECS;
-            if l.dirty && due {
-                l.dirty = false;
-                l.stored_at = l.at;
-                let ua = l
-                    .user_agent
-                    .as_ref()
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-                lasts.push((
-                    l.key().clone(),
-                    StoredLastUse {
-                        at: l.at,
-                        ip: l.ip.to_string(),
-                        user_agent: ua,
-                    },
-                ));
+        let mut lasts: Vec<(KeyId, Arc<KeyState>, StoredLastUse)> = Vec::new();
+        self.states.for_each(|id, state| {
+            if let Some(l) = state.last_use.take_due(all_last_used) {
+                lasts.push((id.clone(), state.clone(), l));
             }
-        }
+        });
         if deltas.is_empty() && lasts.is_empty() {
             return Ok(0);
         }
@@ -302,10 +431,8 @@ impl Usage {
             }
             Err(e) => {
                 tracing::error!(error = %e, "usage flush failed; keeping the counts for the next try");
-                for (k, _) in &lasts {
-                    if let Some(mut l) = self.last.get_mut(k) {
-                        l.dirty = true;
-                    }
+                for (_, state, _) in &lasts {
+                    state.last_use.mark_dirty();
                 }
             }
         }
@@ -321,7 +448,7 @@ impl Usage {
     fn write(
         &self,
         deltas: &[(CounterKey, u64)],
-        lasts: &[(KeyId, StoredLastUse)],
+        lasts: &[(KeyId, Arc<KeyState>, StoredLastUse)],
     ) -> Result<(), StoreError> {
         let txn = self.store.database().begin_write()?;
         {
@@ -338,7 +465,7 @@ impl Usage {
                 usage.insert(key, old + n)?;
             }
             let mut last = txn.open_table(LAST_USED)?;
-            for (k, l) in lasts {
+            for (k, _, l) in lasts {
                 let bytes =
                     serde_json::to_vec(l).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 last.insert(&**k, bytes.as_slice())?;
@@ -375,7 +502,7 @@ impl Usage {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.counters.retain(|k, _| &*k.key != id);
-        self.last.remove(&KeyId::from(id));
+        self.states.forget(id);
         let txn = self.store.database().begin_write()?;
         {
             let mut usage = txn.open_table(USAGE)?;
@@ -429,15 +556,8 @@ impl Usage {
     }
 
     fn stored_last(&self, id: &str) -> Option<StoredLastUse> {
-        if let Some(l) = self.last.get(&KeyId::from(id)) {
-            return Some(StoredLastUse {
-                at: l.at,
-                ip: l.ip.to_string(),
-                user_agent: l
-                    .user_agent
-                    .as_ref()
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            });
+        if let Some(l) = self.states.get(id).and_then(|s| s.last_use.snapshot()) {
+            return Some(l);
         }
         let txn = self.store.database().begin_read().ok()?;
         let table = txn.open_table(LAST_USED).ok()?;
@@ -546,14 +666,16 @@ mod tests {
         let writer = {
             let (usage, recorded) = (usage.clone(), recorded.clone());
             std::thread::spawn(move || {
-                let id = KeyId::from("key_a");
+                let state = usage.key_states().of_id("key_a");
                 let dep: Arc<str> = Arc::from("app");
+                let op = Operation::Method(Method::GET);
                 for _ in 0..N {
                     let now = Utc::now().timestamp();
                     usage.record(Hit {
-                        key: id.clone(),
+                        key: "key_a",
+                        state: &state,
                         deployment: &dep,
-                        operation: Operation::Method(Method::GET),
+                        operation: &op,
                         status: 200,
                         now,
                         ip: IpAddr::from([127, 0, 0, 1]),
@@ -604,15 +726,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
         let usage = Arc::new(Usage::new(store.clone()).unwrap());
-        let id = KeyId::from("key_d");
+        let id = "key_d";
         let dep: Arc<str> = Arc::from("app");
         for round in 0..300u32 {
+            let state = usage.key_states().of_id(id);
             for i in 0..200u32 {
                 let op = Operation::Route(Arc::from(format!("op{}", i % 50)));
                 usage.record(Hit {
-                    key: id.clone(),
+                    key: id,
+                    state: &state,
                     deployment: &dep,
-                    operation: op,
+                    operation: &op,
                     status: 200,
                     now: Utc::now().timestamp(),
                     ip: IpAddr::from([127, 0, 0, 1]),
@@ -631,10 +755,10 @@ mod tests {
             while spin.elapsed() < std::time::Duration::from_micros(u64::from(round % 60) * 5) {
                 std::hint::spin_loop();
             }
-            usage.delete_key(&id).unwrap();
+            usage.delete_key(id).unwrap();
             flusher.join().unwrap();
             assert_eq!(
-                stored_total(&store, &id),
+                stored_total(&store, id),
                 0,
                 "round {round}: rows of a deleted key came back"
             );

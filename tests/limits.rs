@@ -258,6 +258,35 @@ async fn a_patched_key_limit_applies_to_the_next_request() {
     assert!(no_rate_headers(&next), "{:?}", next.headers);
 }
 
+/// The limiter belongs to the key, not to one version of it: an update that leaves the limit
+/// alone, and a rotation, publish a new live key, and the spent limit must carry over.
+#[tokio::test]
+async fn a_spent_limit_survives_updates_and_rotation() {
+    let gw = start_gateway("echo", "").await;
+    let (id, secret) = gw.create_key(spec("steady", "operator", Some("2/1m")));
+    assert_limit(&gw, &secret, 2).await;
+
+    let rename = KeySpec {
+        name: Some("steady, renamed".into()),
+        ..Default::default()
+    };
+    gw.manager
+        .update(&gw.config, &id, &rename, &Actor::local())
+        .unwrap();
+    let a = get(gw.addr(), "/x", &[("x-api-key", &secret)]).await;
+    assert_eq!(a.status, 429, "renaming must not refill the limit: {a:?}");
+
+    let rotated = gw
+        .manager
+        .rotate(&gw.config, &id, Some("1h"), &Actor::local())
+        .unwrap();
+    let new_secret = rotated["secret"].as_str().expect("new secret").to_string();
+    for s in [&new_secret, &secret] {
+        let a = get(gw.addr(), "/x", &[("x-api-key", s)]).await;
+        assert_eq!(a.status, 429, "rotation must not refill the limit: {a:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_new_config_default_applies_to_new_requests() {
     let gw = start_gateway("echo", "\n[rate_limit]\ndefault = \"50/1m\"\n").await;
@@ -295,7 +324,8 @@ async fn deleting_a_key_frees_its_limiter() {
         .bootstrap_secret
         .clone()
         .expect("bootstrap admin key");
-    let limits = &gw.running.gateway.limits;
+    // A key's limiter lives in its per-key state, made on its first request.
+    let limits = gw.running.gateway.usage.key_states();
     assert_eq!(limits.len(), 0, "no request yet, no limiter");
     let (a_id, a_secret) = gw.operator_key();
     let (_, b_secret) = gw.operator_key();

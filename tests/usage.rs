@@ -1042,15 +1042,18 @@ fn pruning_removes_days_past_retention_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
     let usage = Usage::new(store.clone()).unwrap();
-    let id = keygate::keyindex::KeyId::from("key_0000000000000001");
+    let id = "key_0000000000000001";
+    let state = usage.key_states().of_id(id);
     let dep: Arc<str> = Arc::from("app");
+    let op = Operation::Method(Method::GET);
     let ua = HeaderValue::from_static("pruner");
     let now = Utc::now().timestamp();
     let day = 86_400;
     let hit = |ago_days: i64, status: u16| Hit {
-        key: id.clone(),
+        key: id,
+        state: &state,
         deployment: &dep,
-        operation: Operation::Method(Method::GET),
+        operation: &op,
         status,
         now: now - ago_days * day,
         ip: "127.0.0.1".parse().unwrap(),
@@ -1064,7 +1067,7 @@ fn pruning_removes_days_past_retention_and_keeps_the_rest() {
     assert_eq!(usage.flush().unwrap(), 14);
     let today = day_number(now);
     assert_eq!(
-        stored_days(&store, &id),
+        stored_days(&store, id),
         BTreeMap::from([
             (today - 100, 3),
             (today - 90, 2),
@@ -1072,20 +1075,20 @@ fn pruning_removes_days_past_retention_and_keeps_the_rest() {
             (today, 5)
         ])
     );
-    assert_eq!(usage.report(&id, 366).unwrap()["total"], 14);
+    assert_eq!(usage.report(id, 366).unwrap()["total"], 14);
 
     // 90 days kept: today and the 89 before it. Two rows (2xx, 5xx) per old day go.
     assert_eq!(usage.prune(90).unwrap(), 4);
     assert_eq!(
-        stored_days(&store, &id),
+        stored_days(&store, id),
         BTreeMap::from([(today - 89, 4), (today, 5)])
     );
-    let r = usage.report(&id, 366).unwrap();
+    let r = usage.report(id, 366).unwrap();
     assert_eq!(r["total"], 9, "{r}");
     assert_eq!(r["by_status"]["5xx"], 2, "{r}");
-    assert_eq!(usage.report(&id, 1).unwrap()["total"], 5);
+    assert_eq!(usage.report(id, 1).unwrap()["total"], 5);
     // Pruning again finds nothing; a later flush does not resurrect pruned days.
     assert_eq!(usage.prune(90).unwrap(), 0);
     assert_eq!(usage.flush().unwrap(), 0);
-    assert_eq!(stored_days(&store, &id).len(), 2);
+    assert_eq!(stored_days(&store, id).len(), 2);
 }

@@ -1,0 +1,83 @@
+//! Per-key state the data plane changes on every request: the key's rate limiter and its
+//! last use. A live key reaches its state in one pointer hop (no map lookup, no lock); the
+//! registry keyed by id keeps one state across a key's versions (an update or a rotation
+//! publishes a new live key) and lets the usage flush and reports find it.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use once_cell::race::OnceBox;
+
+use crate::keyindex::{KeyId, LiveKey};
+use crate::ratelimit::LimiterCell;
+use crate::usage::LastUseCell;
+
+/// The mutable per-key state.
+#[derive(Default)]
+pub struct KeyState {
+    /// The rate limiter at the key's current limit.
+    pub limiter: LimiterCell,
+    /// When, from where and with which user agent the key was last used.
+    pub last_use: LastUseCell,
+}
+
+/// The slot a live key caches its state in (empty until the key's first request, so idle
+/// keys cost one pointer).
+pub type StateSlot = OnceBox<Arc<KeyState>>;
+
+/// Every key's state, by id.
+#[derive(Default)]
+pub struct KeyStates {
+    map: DashMap<KeyId, Arc<KeyState>, foldhash::fast::RandomState>,
+}
+
+impl KeyStates {
+    /// The state of `key`: from the key's own slot, else from (or new in) the registry, then
+    /// cached in the slot. Every version of a key gets the same state.
+    pub fn of<'k>(&self, key: &'k LiveKey) -> &'k KeyState {
+        key.state_slot().get_or_init(|| {
+            Box::new(
+                self.map
+                    .entry(key.id())
+                    .or_insert_with(|| Arc::new(KeyState::default()))
+                    .clone(),
+            )
+        })
+    }
+
+    /// The state of the key with id `id`, made when it has none (for callers without the
+    /// live key: tools and tests).
+    pub fn of_id(&self, id: &str) -> Arc<KeyState> {
+        self.map
+            .entry(KeyId::from(id))
+            .or_insert_with(|| Arc::new(KeyState::default()))
+            .clone()
+    }
+
+    /// The state of the key with id `id`, when it has one.
+    pub fn get(&self, id: &str) -> Option<Arc<KeyState>> {
+        self.map.get(&KeyId::from(id)).map(|s| s.clone())
+    }
+
+    /// Drops the state of a deleted key.
+    pub fn forget(&self, id: &str) {
+        self.map.remove(&KeyId::from(id));
+    }
+
+    /// Calls `f` with every key's id and state.
+    pub fn for_each(&self, mut f: impl FnMut(&KeyId, &Arc<KeyState>)) {
+        for entry in self.map.iter() {
+            f(entry.key(), entry.value());
+        }
+    }
+
+    /// Number of keys with state.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no key has state.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
