@@ -1,5 +1,5 @@
 //! Authentication and authorisation of one request: extract the credential, check its
-//! format and checksum, hash, look up, then status, expiry, deployment and scope checks.
+//! format, hash, look up, then status, expiry, deployment and scope checks.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use http::{header, HeaderMap, Method};
 use crate::config::{AuthConfig, Deployment, Route};
 use crate::error::GatewayError;
 use crate::keyindex::{KeyIndex, LiveKey};
-use crate::keys::{check_secret_format, rfc3339, Role, SecretHasher};
+use crate::keys::{check_secret_shape, rfc3339, Role, SecretHasher};
 
 /// Where the accepted credential came from (so it can be removed before forwarding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,10 +109,16 @@ pub struct Verifier<'a> {
 }
 
 impl Verifier<'_> {
-    /// Finds the live key for a secret and checks it is usable at `now` (format, checksum,
-    /// digest, grace period, expiry).
+    /// Finds the live key for a secret and checks it is usable at `now` (format, digest,
+    /// grace period, expiry).
+    ///
+    /// The checksum is not computed here: a secret whose checksum is wrong cannot match a
+    /// stored digest, so it fails the lookup as `invalid_key` all the same, and checking it
+    /// first would cost every valid request a CRC to make only the failures cheaper. (A
+    /// locked-out address still gets the full check before any hashing: see
+    /// `Gateway::identify_guarded`.)
     pub fn identify(&self, secret: &str, now: i64) -> Result<Arc<LiveKey>, GatewayError> {
-        if check_secret_format(secret, &self.auth.prefix, &self.auth.environments).is_none() {
+        if check_secret_shape(secret, &self.auth.prefix, &self.auth.environments).is_none() {
             return Err(GatewayError::InvalidKey);
         }
         let digest = self.hasher.digest(secret);

@@ -402,7 +402,7 @@ impl Gateway {
     /// Route → credential → key → deployment/scope → rate limit for one request head: the
     /// decision `handle` makes before forwarding (public so benchmarks measure exactly it).
     #[allow(clippy::too_many_arguments)]
-    pub fn admit<'r>(
+    pub fn admit<'r, 'o>(
         &self,
         rt: &'r Runtime,
         method: &Method,
@@ -410,8 +410,8 @@ impl Gateway {
         headers: &HeaderMap,
         host: Option<&str>,
         ip: IpAddr,
-        out: &mut Outcome,
-    ) -> Result<(RouteMatch<'r>, Arc<LiveKey>), GatewayError> {
+        out: &'o mut Outcome,
+    ) -> Result<(RouteMatch<'r>, &'o LiveKey), GatewayError> {
         let m = router::route(&rt.config, host, uri.path(), method).ok_or(GatewayError::NoRoute)?;
         self.note_route(rt, &m, method, out);
         let key = self.check(rt, headers, uri.query(), &m, method, ip, out)?;
@@ -473,7 +473,7 @@ impl Gateway {
 
     /// Failed-auth guard → credential → key → deployment/scope → rate limit.
     #[allow(clippy::too_many_arguments)]
-    fn check(
+    fn check<'o>(
         &self,
         rt: &Runtime,
         headers: &HeaderMap,
@@ -481,8 +481,8 @@ impl Gateway {
         m: &RouteMatch<'_>,
         method: &Method,
         ip: IpAddr,
-        out: &mut Outcome,
-    ) -> Result<Arc<LiveKey>, GatewayError> {
+        out: &'o mut Outcome,
+    ) -> Result<&'o LiveKey, GatewayError> {
         let cfg = &rt.config;
         out.now = unix_now();
         let key = self.identify_guarded(
@@ -493,13 +493,14 @@ impl Gateway {
             out.now,
             counts_as_failed_auth,
         )?;
-        out.key = Some(key.clone());
-        authorize(&key, m.deployment, m.route, method)?;
+        // The outcome keeps the key (for usage and the log) and the caller borrows it from
+        // there: no second reference count per request.
+        let key: &LiveKey = out.key.insert(key);
+        authorize(key, m.deployment, m.route, method)?;
         let decision = self.limits.check(
-            &self.usage.key_states().of(&key).limiter,
+            &self.usage.key_states().of(key).limiter,
             cfg.limit_for(key.role, key.rate_limit.as_ref()),
         );
-        out.rate = Some(decision);
         if let Decision::Denied {
             limit,
             retry_after,
@@ -507,12 +508,14 @@ impl Gateway {
             ..
         } = decision
         {
+            out.rate = Some(decision);
             return Err(GatewayError::RateLimited {
                 limit,
                 window_seconds: window,
                 retry_after_seconds: retry_after,
             });
         }
+        out.rate = Some(decision);
         out.authorized = true;
         Ok(key)
     }

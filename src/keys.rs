@@ -109,8 +109,25 @@ pub fn check_secret_format<'a>(
     prefix: &str,
     environments: &[String],
 ) -> Option<&'a str> {
-    // Byte-wise: every byte is accounted for below (prefix and environment equal configured
-    // ASCII text, the rest is '_' or base62), so no separate ASCII/UTF-8 pass is needed.
+    let env = check_secret_shape(secret, prefix, environments)?;
+    // The checksum characters are decoded and compared with the CRC of the rest; the random
+    // characters need no check of their own: any byte outside base62 there changes the CRC
+    // (and could not match a stored digest anyway).
+    let bytes = secret.as_bytes();
+    let signed = &bytes[..bytes.len() - CHECKSUM_CHARS];
+    (decode_checksum(&bytes[bytes.len() - CHECKSUM_CHARS..])? == crc32fast::hash(signed))
+        .then_some(env)
+}
+
+/// [`check_secret_format`] without the checksum: length, prefix, environment and separators.
+/// Returns the environment on success.
+pub fn check_secret_shape<'a>(
+    secret: &'a str,
+    prefix: &str,
+    environments: &[String],
+) -> Option<&'a str> {
+    // Byte-wise: prefix and environment equal configured ASCII text at '_' boundaries (the
+    // body is left to the checksum or the digest lookup), so no UTF-8 pass is needed.
     let bytes = secret.as_bytes();
     let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
     let prefix = prefix.as_bytes();
@@ -123,13 +140,6 @@ pub fn check_secret_format<'a>(
     }
     let env = &bytes[prefix.len() + 1..body_start - 1];
     let env = environments.iter().find(|e| e.as_bytes() == env)?;
-    // The checksum characters are decoded and compared with the CRC of the rest; the random
-    // characters need no check of their own: any byte outside base62 there changes the CRC
-    // (and could not match a stored digest anyway).
-    let signed = &bytes[..bytes.len() - CHECKSUM_CHARS];
-    if decode_checksum(&bytes[bytes.len() - CHECKSUM_CHARS..])? != crc32fast::hash(signed) {
-        return None;
-    }
     // The environment bytes equal a configured (valid UTF-8) name at a '_' boundary.
     secret.get(prefix.len() + 1..prefix.len() + 1 + env.len())
 }

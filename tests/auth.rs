@@ -317,7 +317,7 @@ async fn malformed_and_unknown_keys_are_invalid() {
         format!("{secret}x"),
         secret[..secret.len() - 1].to_string(),
         secret.replace("kg_prod_", "kg_prod__"),
-        // Right shape, one mistyped character: the checksum rejects it.
+        // Right shape, one mistyped character (its checksum is wrong, and no digest matches).
         flip_char(&secret, 10),
         // A mistyped checksum character.
         flip_char(&secret, 1),
