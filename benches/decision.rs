@@ -100,7 +100,7 @@ fn header_rewrite(c: &mut Criterion) {
                     host.as_ref(),
                     &cfg.server.trusted_proxies,
                 );
-                proxy::set_identity_headers(headers, &key, m.deployment);
+                proxy::set_identity_headers(headers, key, m.deployment);
                 headers.remove(http::header::HOST);
             },
             BatchSize::SmallInput,

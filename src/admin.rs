@@ -385,7 +385,7 @@ impl Handler for AdminApi {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        _direct: &DirectUpstream,
+        _direct: &Arc<DirectUpstream>,
     ) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();

@@ -5,8 +5,11 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-/// A response body: either a canned/generated buffer or a streamed upstream body.
-pub type Body = Either<Full<Bytes>, Incoming>;
+use crate::h1upstream::RawBody;
+
+/// A response body: a canned/generated buffer, or a streamed upstream body (from hyper's
+/// client, or read by `h1upstream` itself).
+pub type Body = Either<Full<Bytes>, Either<Incoming, RawBody>>;
 
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -20,7 +23,12 @@ pub fn empty() -> Body {
 
 /// A streamed body.
 pub fn stream(incoming: Incoming) -> Body {
-    Either::Right(incoming)
+    Either::Right(Either::Left(incoming))
+}
+
+/// A body read off a direct upstream connection by `h1upstream`.
+pub fn raw(body: RawBody) -> Body {
+    Either::Right(Either::Right(body))
 }
 
 /// A JSON response.

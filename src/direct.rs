@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
+use crate::h1upstream::RawConn;
 use crate::proxy::UpstreamBody;
 
 /// At most this many direct upstream connections per process; requests of further client
@@ -32,10 +33,11 @@ pub fn open_count() -> usize {
 }
 
 /// Holds one place under [`MAX_DIRECT`] until dropped.
-struct Permit;
+pub struct Permit;
 
 impl Permit {
-    fn acquire() -> Option<Permit> {
+    /// A place, unless [`MAX_DIRECT`] are taken.
+    pub fn acquire() -> Option<Permit> {
         OPEN.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
             (n < MAX_DIRECT).then_some(n + 1)
         })
@@ -73,6 +75,20 @@ struct Slot {
     driver: Option<Driver>,
     /// That task's waker, to have a newly opened connection polled.
     waker: Option<Waker>,
+    /// The idle connection `h1upstream` speaks on (body-less requests).
+    raw: Option<RawConn>,
+    /// True while a request has it (or is opening one).
+    raw_out: bool,
+}
+
+/// What [`DirectUpstream::take_raw`] found.
+pub enum RawTake {
+    /// The idle connection, lent to the caller.
+    Idle(RawConn),
+    /// None yet: the caller may open one (and hands it back the same way).
+    Absent,
+    /// Another request of this client connection uses it.
+    Busy,
 }
 
 /// One client connection's direct upstream connection (at most one at a time).
@@ -109,6 +125,31 @@ impl DirectUpstream {
         slot.sender
             .take()
             .map(|sender| Lease { sender, held: true })
+    }
+
+    /// Lends out the `h1upstream` connection to `target` (an idle one to another upstream is
+    /// closed). Whatever is lent, including `Absent`, is answered by one
+    /// [`DirectUpstream::return_raw`].
+    pub fn take_raw(&self, target: &Authority) -> RawTake {
+        let mut slot = self.lock();
+        if slot.raw_out {
+            return RawTake::Busy;
+        }
+        slot.raw_out = true;
+        match slot.raw.take() {
+            Some(conn) if conn.target() == target => RawTake::Idle(conn),
+            _ => RawTake::Absent,
+        }
+    }
+
+    /// Ends a [`DirectUpstream::take_raw`] loan: `conn` is kept for the next request (`None`:
+    /// it closed, or cannot carry another request).
+    pub fn return_raw(&self, conn: Option<RawConn>) {
+        let mut slot = self.lock();
+        slot.raw_out = false;
+        if conn.is_some() {
+            slot.raw = conn;
+        }
     }
 
     /// True while a request uses the held connection: lent out, or its response body is

@@ -279,7 +279,7 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        direct: &DirectUpstream,
+        direct: &Arc<DirectUpstream>,
     ) -> Response<Body> {
         let rt = self.runtime.load_full();
         // The access line needs these after the request is gone; copy them only when it is
@@ -423,7 +423,7 @@ impl Gateway {
         rt: &Runtime,
         req: Request<Incoming>,
         conn: &ConnInfo,
-        direct: &DirectUpstream,
+        direct: &Arc<DirectUpstream>,
         ip: IpAddr,
         out: &mut Outcome,
     ) -> Result<Response<Body>, GatewayError> {
@@ -446,7 +446,7 @@ impl Gateway {
         // Boxed: the forwarding future is large, and every enclosing future (process,
         // handle, hyper's service slot) would otherwise carry and copy it (memmove was the
         // top symbol of the load profile).
-        let result = Box::pin(self.forward(rt, req, conn, direct, &m, &key)).await;
+        let result = Box::pin(self.forward(rt, req, conn, direct, &m, key)).await;
         if result.is_ok()
             || matches!(
                 result,
@@ -525,7 +525,7 @@ impl Gateway {
         rt: &Runtime,
         req: Request<Incoming>,
         conn: &ConnInfo,
-        direct: &DirectUpstream,
+        direct: &Arc<DirectUpstream>,
         m: &RouteMatch<'_>,
         key: &LiveKey,
     ) -> Result<Response<Body>, GatewayError> {
@@ -626,7 +626,7 @@ impl Gateway {
         let key = self.check(rt, h, query, &m, &method, ip, out)?;
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = StatusCode::OK;
-        proxy::set_identity_headers(resp.headers_mut(), &key, m.deployment);
+        proxy::set_identity_headers(resp.headers_mut(), key, m.deployment);
         Ok(resp)
     }
 }

@@ -15,6 +15,7 @@ pub mod direct;
 pub mod echo;
 pub mod error;
 pub mod gateway;
+pub mod h1upstream;
 pub mod keyindex;
 pub mod keys;
 pub mod keystate;

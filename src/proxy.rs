@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -557,12 +557,33 @@ async fn send_direct(
 /// requests go through the pool and are spliced to the upstream's upgraded connection.
 pub async fn forward(
     client: &UpstreamClient,
-    direct: &DirectUpstream,
+    direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
     mut req: Request<Incoming>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
+    if !upgrade
+        && target.scheme == Scheme::HTTP
+        && http_body::Body::is_end_stream(req.body())
+        && req.method() != Method::CONNECT
+    {
+        // The commonest request, without a body: keygate's own HTTP/1.1 exchange.
+        let sent = crate::h1upstream::exchange(
+            direct,
+            target,
+            req.method(),
+            req.uri(),
+            req.headers(),
+            timeout,
+        )
+        .await?;
+        if let Some(resp) = sent {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            return Ok(Response::from_parts(parts, body::raw(body)));
+        }
+    }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
     let progress = Arc::new(Progress::new());
@@ -595,7 +616,15 @@ pub async fn forward(
         });
     }
     let (mut parts, incoming) = resp.into_parts();
+    // A length beside Transfer-Encoding is not the body's (RFC 9112 §6.3): the body was
+    // decoded by its chunks and is framed afresh towards the client, so the length goes.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+    // The client's hop speaks keygate's own version (RFC 9110 §7.6.2); an HTTP/1.0 answer
+    // from the upstream must not turn the client connection into a one-shot one.
+    parts.version = Version::HTTP_11;
     Ok(Response::from_parts(parts, body::stream(incoming)))
 }
 

@@ -58,7 +58,7 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        direct: &DirectUpstream,
+        direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Response<Body>> + Send;
     /// Timeouts for a new connection.
     fn conn_settings(&self) -> ConnSettings;
@@ -69,7 +69,7 @@ impl Handler for Gateway {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        direct: &DirectUpstream,
+        direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Response<Body>> + Send {
         Gateway::handle(self, req, conn, direct)
     }

@@ -1,0 +1,846 @@
+//! keygate's own HTTP/1.1 exchange with a plain-HTTP upstream for the commonest request:
+//! one without a body (GET, HEAD, DELETE, …). The request head is written straight from the
+//! rewritten header map, the response head is parsed with `httparse`, and the response body
+//! reads itself off the connection as the client side asks for it, handing the connection
+//! back to its client connection's [`DirectUpstream`] when it ends. No connection task, no
+//! channels: in the load profile hyper's client (its dispatch channels, connection task and
+//! codec) was over a third of the user-space instructions per request.
+//!
+//! Everything else (request bodies, upgrades, `https://`, concurrent HTTP/2 streams) keeps
+//! going through hyper (`proxy::forward`).
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::uri::Authority;
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version,
+};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::direct::{DirectUpstream, Permit, RawTake};
+use crate::error::GatewayError;
+use crate::proxy::UpstreamTarget;
+
+/// Most header lines a response head may carry (hyper's client default).
+const MAX_HEADERS: usize = 100;
+/// Largest response head, and largest buffered read (hyper's client default).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// First read size of a connection; doubled while reads fill it, up to [`MAX_READ`].
+const INITIAL_READ: usize = 8 * 1024;
+/// Largest single read.
+const MAX_READ: usize = 256 * 1024;
+/// Longest chunk-size line (extensions included) and largest trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// An upstream connection this module speaks HTTP/1.1 on.
+pub struct RawConn {
+    stream: TcpStream,
+    /// The upstream it is connected to.
+    target: Authority,
+    /// Bytes read and not yet consumed.
+    buf: BytesMut,
+    /// Size of the next read.
+    read_size: usize,
+    /// The request head being written (kept for its capacity).
+    head: Vec<u8>,
+    _permit: Permit,
+}
+
+impl RawConn {
+    /// The upstream this connection goes to.
+    pub fn target(&self) -> &Authority {
+        &self.target
+    }
+
+    /// False when the upstream has closed the idle connection (or sent bytes nobody asked
+    /// for): the reactor's readiness says so without a system call in the common case.
+    fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    fn reserve_read(&mut self) {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+    }
+
+    /// Notes a read of `n` bytes: a read that filled what was offered asks for a larger one.
+    fn grew(&mut self, n: usize) -> usize {
+        if n >= self.read_size && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        n
+    }
+
+    /// Reads more into `buf` (`Ok(0)` at the end of the stream).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.len() >= MAX_HEAD {
+            // Only a parser that cannot make progress leaves this much unconsumed.
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "upstream framing line too long",
+            )));
+        }
+        self.reserve_read();
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(n) => return Poll::Ready(Ok(self.grew(n))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Reads more into `buf`, as a future.
+    async fn fill(&mut self) -> io::Result<usize> {
+        self.reserve_read();
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        Ok(self.grew(n))
+    }
+
+    /// Writes the request head and reads the final response head.
+    async fn round_trip(&mut self, request: &RequestHead<'_>) -> Result<Head, Failure> {
+        self.head.clear();
+        request.encode(&mut self.head);
+        self.stream
+            .write_all(&self.head)
+            .await
+            .map_err(Failure::Unseen)?;
+        let mut answered = false;
+        loop {
+            if let Some(head) = parse_head(&mut self.buf)? {
+                answered = true;
+                if head.status.is_informational() {
+                    // 100 Continue, 103 Early Hints…: the final answer follows. (101 is for
+                    // upgrades, which never come this way: see `Head::framing`.)
+                    if head.status != StatusCode::SWITCHING_PROTOCOLS {
+                        continue;
+                    }
+                }
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Failure::Broken("response head too large".into()));
+            }
+            let got = !self.buf.is_empty() || answered;
+            match self.fill().await {
+                Ok(0) if !got => {
+                    return Err(Failure::Unseen(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(0) => return Err(Failure::Broken("upstream closed mid-head".into())),
+                Ok(_) => {}
+                Err(e) if !got => return Err(Failure::Unseen(e)),
+                Err(e) => return Err(Failure::Broken(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+enum Failure {
+    /// Nothing came back (the upstream may never have seen the request): a reused
+    /// connection's request can be sent again on a fresh one.
+    Unseen(io::Error),
+    /// The upstream answered something unusable, or broke off.
+    Broken(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unseen(e) => write!(f, "no answer: {e}"),
+            Failure::Broken(what) => f.write_str(what),
+        }
+    }
+}
+
+/// The request head to write.
+struct RequestHead<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    host: &'a HeaderValue,
+    headers: &'a HeaderMap,
+}
+
+impl RequestHead<'_> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.push(b' ');
+        let target = self.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        out.extend_from_slice(if target.is_empty() {
+            b"/"
+        } else {
+            target.as_bytes()
+        });
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(self.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in self.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        // As hyper does: methods that normally carry a body say it is empty (some servers
+        // answer 411 otherwise).
+        let bodied = matches!(*self.method, Method::POST | Method::PUT | Method::PATCH);
+        if bodied && !self.headers.contains_key(header::CONTENT_LENGTH) {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A parsed response head.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Parses a response head off the front of `buf` (`None`: incomplete). The head's bytes are
+/// copied once and the header values are slices of that copy.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
+    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        &buf[..],
+        &mut raw,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(Failure::Broken(format!("malformed response head: {e}"))),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| Failure::Broken("bad status code".into()))?;
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Failure::Broken("bad header name".into()))?;
+        // Where the value sits in the head (an empty value may point anywhere: copied).
+        let span = (h.value.as_ptr() as usize)
+            .checked_sub(base)
+            .map(|start| start..start + h.value.len())
+            .filter(|r| r.end <= len);
+        let value = match span {
+            Some(r) => HeaderValue::from_maybe_shared(head.slice(r)),
+            None => HeaderValue::from_bytes(h.value),
+        }
+        .map_err(|_| Failure::Broken("bad header value".into()))?;
+        headers.append(name, value);
+    }
+    buf.advance(len);
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// Whether a comma-separated header has the token `token`.
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| trim(t).eq_ignore_ascii_case(token))
+    })
+}
+
+impl Head {
+    /// The body's framing, and whether the connection can carry another request after it.
+    /// Removes a `Content-Length` that `Transfer-Encoding` overrides.
+    fn framing(&mut self, method: &Method) -> Result<(Framing, bool), Failure> {
+        if self.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Failure::Broken(
+                "101 to a request that asked no upgrade".into(),
+            ));
+        }
+        let close = has_token(&self.headers, &header::CONNECTION, b"close");
+        let mut keep_alive = !close
+            && (self.version == Version::HTTP_11
+                || has_token(&self.headers, &header::CONNECTION, b"keep-alive"));
+        let framing = if *method == Method::HEAD
+            || self.status == StatusCode::NO_CONTENT
+            || self.status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else if let Some(te) = self
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            // The final coding decides; a length beside it is not to be trusted or passed on.
+            let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+            let chunked = trim(last).eq_ignore_ascii_case(b"chunked");
+            if self.headers.remove(header::CONTENT_LENGTH).is_some() {
+                keep_alive = false;
+            }
+            if chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            }
+        } else {
+            match content_length(&self.headers)? {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            }
+        };
+        if framing == Framing::UntilClose {
+            keep_alive = false;
+        }
+        Ok((framing, keep_alive))
+    }
+}
+
+/// The `Content-Length`, when there is one; differing or non-numeric values are an error.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Failure> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = trim(part);
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| Failure::Broken("bad content-length".into()))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(Failure::Broken("conflicting content-length values".into()));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Methods a request may be repeated with (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A direct connection lent to one exchange; gives it back (or lets it close) when dropped.
+struct Checkout {
+    home: Arc<DirectUpstream>,
+    conn: Option<RawConn>,
+    /// The connection may carry another request once this exchange is over.
+    reusable: bool,
+    /// Already handed back (the slot may since have been lent to another request).
+    released: bool,
+}
+
+impl Checkout {
+    /// Hands the connection back (when reusable) or closes it; only the first call counts.
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let conn = self
+            .conn
+            .take()
+            .filter(|c| self.reusable && c.buf.is_empty());
+        self.home.return_raw(conn);
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Opens a connection for this module, under the process-wide bound on direct connections.
+async fn connect(target: &UpstreamTarget) -> Result<Option<RawConn>, GatewayError> {
+    let Some(permit) = Permit::acquire() else {
+        return Ok(None);
+    };
+    let authority = &target.authority;
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(
+        target.connect_timeout,
+        TcpStream::connect((authority.host(), port)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = %authority, error = %e, "upstream connect failed");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        Err(_) => {
+            tracing::debug!(upstream = %authority, "upstream connect timed out");
+            return Err(GatewayError::UpstreamTimeout);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(Some(RawConn {
+        stream,
+        target: authority.clone(),
+        buf: BytesMut::new(),
+        read_size: INITIAL_READ,
+        head: Vec::with_capacity(512),
+        _permit: permit,
+    }))
+}
+
+/// Sends a body-less request (origin-form `uri`, no `Host` in `headers`) on the client
+/// connection's own upstream connection and returns the response, its body still on the
+/// wire. `Ok(None)`: no direct connection is to be had (one is in use by a concurrent
+/// HTTP/2 stream, or the process holds its maximum); the caller sends it another way.
+/// `timeout` bounds the wait for the response head.
+pub async fn exchange(
+    direct: &Arc<DirectUpstream>,
+    target: &UpstreamTarget,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    timeout: Duration,
+) -> Result<Option<Response<RawBody>>, GatewayError> {
+    let (conn, mut reused) = match direct.take_raw(&target.authority) {
+        RawTake::Busy => return Ok(None),
+        RawTake::Idle(conn) => (Some(conn), true),
+        RawTake::Absent => (None, false),
+    };
+    let mut checkout = Checkout {
+        home: direct.clone(),
+        conn,
+        reusable: false,
+        released: false,
+    };
+    let request = RequestHead {
+        method,
+        uri,
+        host: &target.host,
+        headers,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !checkout.conn.as_mut().is_some_and(RawConn::still_open) {
+            reused = false;
+            checkout.conn = match connect(target).await? {
+                Some(conn) => Some(conn),
+                None => return Ok(None),
+            };
+        }
+        let Some(conn) = checkout.conn.as_mut() else {
+            return Ok(None);
+        };
+        let answer = tokio::time::timeout_at(deadline, conn.round_trip(&request)).await;
+        let failure = match answer {
+            Err(_) => {
+                tracing::debug!(upstream = %target.authority, "no response head in time");
+                return Err(GatewayError::UpstreamTimeout);
+            }
+            Ok(Ok(mut head)) => {
+                let (framing, keep_alive) = match head.framing(method) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(upstream = %target.authority, error = %e, "unusable upstream response");
+                        return Err(GatewayError::UpstreamUnavailable);
+                    }
+                };
+                checkout.reusable = keep_alive;
+                let body = RawBody::new(checkout, framing);
+                let mut resp = Response::new(body);
+                // The upstream's version decided this hop's keep-alive; the client's hop is
+                // framed by the server side (an HTTP/1.0 version here would close it).
+                *resp.status_mut() = head.status;
+                *resp.headers_mut() = head.headers;
+                return Ok(Some(resp));
+            }
+            Ok(Err(f)) => f,
+        };
+        checkout.conn = None;
+        match failure {
+            // The kept-alive connection was closed under us before anything came back: the
+            // upstream may never have seen the request; once more on a fresh connection.
+            Failure::Unseen(_) if reused && idempotent(method) => continue,
+            f => {
+                tracing::debug!(upstream = %target.authority, error = %f, "upstream request failed");
+                return Err(GatewayError::UpstreamUnavailable);
+            }
+        }
+    }
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then the final CRLF.
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// A response body read straight off its upstream connection.
+pub struct RawBody {
+    checkout: Checkout,
+    state: State,
+}
+
+impl RawBody {
+    fn new(mut checkout: Checkout, framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::UntilClose => State::UntilClose,
+        };
+        if state == State::Done {
+            // Nothing to read: the connection is free for the next request right away.
+            checkout.release();
+        }
+        RawBody { checkout, state }
+    }
+
+    /// The body ended as framed: the connection goes back for the next request.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        self.checkout.release();
+    }
+
+    /// The body broke off: the connection closes.
+    fn fail(&mut self, what: impl Into<String>) -> io::Error {
+        self.state = State::Done;
+        self.checkout.reusable = false;
+        self.checkout.release();
+        io::Error::new(io::ErrorKind::InvalidData, what.into())
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            let Some(conn) = self.checkout.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) | State::Chunked(Chunk::Data(left)) => {
+                    if conn.buf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => {
+                                return Poll::Ready(Some(Err(
+                                    self.fail("upstream closed before the body ended")
+                                )))
+                            }
+                            Ok(_) => continue,
+                            Err(e) => return Poll::Ready(Some(Err(self.fail(e.to_string())))),
+                        }
+                    }
+                    let n = left.min(conn.buf.len() as u64) as usize;
+                    let data = conn.buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    match self.state {
+                        State::Length(_) if left == 0 => self.finish(),
+                        State::Length(_) => self.state = State::Length(left),
+                        _ if left == 0 => self.state = State::Chunked(Chunk::DataEnd),
+                        _ => self.state = State::Chunked(Chunk::Data(left)),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::UntilClose => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => {
+                            // The end of this body is the end of the connection.
+                            self.checkout.reusable = false;
+                            self.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(self.fail(e.to_string())))),
+                    }
+                }
+                State::Chunked(Chunk::Size) => match httparse::parse_chunk_size(&conn.buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        conn.buf.advance(used);
+                        self.state = State::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                    }
+                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_CHUNK_LINE => {
+                        return Poll::Ready(Some(Err(self.fail("chunk-size line too long"))));
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                            return Poll::Ready(Some(Err(err)));
+                        }
+                    }
+                    Err(_) => return Poll::Ready(Some(Err(self.fail("bad chunk size")))),
+                },
+                State::Chunked(Chunk::DataEnd) => {
+                    if conn.buf.len() >= 2 {
+                        if &conn.buf[..2] != b"\r\n" {
+                            return Poll::Ready(Some(Err(self.fail("chunk not ended by CRLF"))));
+                        }
+                        conn.buf.advance(2);
+                        self.state = State::Chunked(Chunk::Size);
+                    } else if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                }
+                State::Chunked(Chunk::Trailers) => {
+                    let mut raw = [httparse::EMPTY_HEADER; 32];
+                    match httparse::parse_headers(&conn.buf, &mut raw) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let mut trailers = HeaderMap::new();
+                            for f in fields {
+                                if let (Ok(name), Ok(value)) = (
+                                    HeaderName::from_bytes(f.name.as_bytes()),
+                                    HeaderValue::from_bytes(f.value),
+                                ) {
+                                    trailers.append(name, value);
+                                }
+                            }
+                            conn.buf.advance(used);
+                            self.finish();
+                            if trailers.is_empty() {
+                                return Poll::Ready(None);
+                            }
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(httparse::Status::Partial) if conn.buf.len() > MAX_TRAILERS => {
+                            return Poll::Ready(Some(Err(self.fail("trailers too large"))));
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                                return Poll::Ready(Some(Err(err)));
+                            }
+                        }
+                        Err(_) => return Poll::Ready(Some(Err(self.fail("bad trailers")))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads more for a parser that needs it: `Pending` while waiting, `Some(error)` when
+    /// the connection ended or failed (the body is then over).
+    fn fill_or_fail(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Error>> {
+        let Some(conn) = self.checkout.conn.as_mut() else {
+            return Poll::Ready(Some(io::ErrorKind::NotConnected.into()));
+        };
+        Poll::Ready(match ready!(conn.poll_fill(cx)) {
+            Ok(0) => Some(self.fail("upstream closed inside a chunked body")),
+            Ok(_) => None,
+            Err(e) => Some(self.fail(e.to_string())),
+        })
+    }
+}
+
+impl http_body::Body for RawBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.get_mut().step(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Head {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_head(&mut buf).unwrap().unwrap()
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = Method::GET;
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                true,
+            ),
+        ];
+        for (text, framing, keep_alive) in cases {
+            let mut h = head(text);
+            assert_eq!(h.framing(&get).unwrap(), (framing, keep_alive), "{text:?}");
+        }
+        let mut h = head("HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n");
+        assert_eq!(h.framing(&Method::HEAD).unwrap().0, Framing::Empty);
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(head(bad).framing(&get).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn head_values_are_slices_and_partial_heads_wait() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: 1\r\nx-a: 2\r\n"[..]);
+        assert!(parse_head(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(b"\r\nbody");
+        let h = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(h.status, StatusCode::OK);
+        let values: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&buf[..], b"body");
+        let mut junk = BytesMut::from(&b"FOO\r\n\r\n"[..]);
+        assert!(parse_head(&mut junk).is_err());
+    }
+
+    #[test]
+    fn request_head_encoding() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-keygate-key-id", HeaderValue::from_static("key_1"));
+        let uri: Uri = "/a/b?c=1".parse().unwrap();
+        let host = HeaderValue::from_static("up:8080");
+        let mut out = Vec::new();
+        RequestHead {
+            method: &Method::GET,
+            uri: &uri,
+            host: &host,
+            headers: &headers,
+        }
+        .encode(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /a/b?c=1 HTTP/1.1\r\nhost: up:8080\r\nx-keygate-key-id: key_1\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        RequestHead {
+            method: &Method::POST,
+            uri: &uri,
+            host: &host,
+            headers: &HeaderMap::new(),
+        }
+        .encode(&mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("content-length: 0\r\n\r\n"));
+    }
+}
