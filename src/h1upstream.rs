@@ -373,7 +373,8 @@ fn idempotent(method: &Method) -> bool {
 struct Checkout {
     home: Arc<DirectUpstream>,
     conn: Option<RawConn>,
-    /// The connection may carry another request once this exchange is over.
+    /// The connection may carry another request: set only once a body has ended as framed
+    /// (a body dropped half-read leaves the rest of it on the wire).
     reusable: bool,
     /// Already handed back (the slot may since have been lent to another request).
     released: bool,
@@ -489,8 +490,7 @@ pub async fn exchange(
                         return Err(GatewayError::UpstreamUnavailable);
                     }
                 };
-                checkout.reusable = keep_alive;
-                let body = RawBody::new(checkout, framing);
+                let body = RawBody::new(checkout, framing, keep_alive);
                 let mut resp = Response::new(body);
                 // The upstream's version decided this hop's keep-alive; the client's hop is
                 // framed by the server side (an HTTP/1.0 version here would close it).
@@ -538,26 +538,35 @@ enum State {
 pub struct RawBody {
     checkout: Checkout,
     state: State,
+    /// The upstream allows another request on the connection after this body.
+    keep_alive: bool,
 }
 
 impl RawBody {
-    fn new(mut checkout: Checkout, framing: Framing) -> Self {
+    fn new(checkout: Checkout, framing: Framing, keep_alive: bool) -> Self {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::Chunked(Chunk::Size),
             Framing::UntilClose => State::UntilClose,
         };
+        let mut body = RawBody {
+            checkout,
+            state,
+            keep_alive,
+        };
         if state == State::Done {
             // Nothing to read: the connection is free for the next request right away.
-            checkout.release();
+            body.finish();
         }
-        RawBody { checkout, state }
+        body
     }
 
-    /// The body ended as framed: the connection goes back for the next request.
+    /// The body ended as framed: the connection goes back for the next request (when the
+    /// upstream keeps it alive).
     fn finish(&mut self) {
         self.state = State::Done;
+        self.checkout.reusable = self.keep_alive;
         self.checkout.release();
     }
 
@@ -607,7 +616,7 @@ impl RawBody {
                     match ready!(conn.poll_fill(cx)) {
                         Ok(0) => {
                             // The end of this body is the end of the connection.
-                            self.checkout.reusable = false;
+                            self.keep_alive = false;
                             self.finish();
                             return Poll::Ready(None);
                         }

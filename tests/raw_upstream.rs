@@ -962,3 +962,90 @@ async fn many_long_headers_are_relayed() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. When a direct connection goes back for the next request
+// ---------------------------------------------------------------------------------------
+
+/// Serves one connection: answers the first request head with `answer`, then keeps the
+/// socket open until the other side closes it.
+async fn one_answer_upstream(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        s.write_all(answer).await.unwrap();
+        let mut rest = [0u8; 64];
+        while s.read(&mut rest).await.unwrap_or(0) > 0 {}
+    });
+    addr
+}
+
+/// Sends `GET /x` with keygate's own HTTP/1.1 client on `direct` to `upstream`.
+async fn raw_get(
+    direct: &Arc<keygate::direct::DirectUpstream>,
+    upstream: SocketAddr,
+) -> (
+    http::uri::Authority,
+    http::Response<keygate::h1upstream::RawBody>,
+) {
+    let authority: http::uri::Authority = upstream.to_string().parse().unwrap();
+    let target =
+        keygate::proxy::UpstreamTarget::new(http::uri::Scheme::HTTP, authority.clone(), SOON);
+    let uri = "/x".parse().unwrap();
+    let resp = soon(
+        "the response head",
+        keygate::h1upstream::exchange(direct, &target, &Method::GET, &uri, &HeaderMap::new(), SOON),
+    )
+    .await
+    .expect("an answer")
+    .expect("a direct connection");
+    (authority, resp)
+}
+
+/// A body read to its end gives its upstream connection back for the next request.
+#[tokio::test]
+async fn a_body_read_to_its_end_gives_its_connection_back() {
+    use keygate::direct::{DirectUpstream, RawTake};
+    let up = one_answer_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc").await;
+    let direct = Arc::new(DirectUpstream::default());
+    let (authority, resp) = raw_get(&direct, up).await;
+    let body = soon("the body", resp.into_body().collect()).await;
+    assert_eq!(&body.expect("the body").to_bytes()[..], b"abc");
+    assert!(
+        matches!(direct.take_raw(&authority), RawTake::Idle(_)),
+        "the connection was not kept for the next request"
+    );
+}
+
+/// A body dropped half-read (an HTTP/2 client can cancel a stream and go on) leaves the
+/// rest of it on the wire, where the next request would read it as its answer: that
+/// connection must not be handed back.
+#[tokio::test]
+async fn a_half_read_body_does_not_give_its_connection_back() {
+    use keygate::direct::{DirectUpstream, RawTake};
+    let up = one_answer_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc").await;
+    let direct = Arc::new(DirectUpstream::default());
+    let (authority, resp) = raw_get(&direct, up).await;
+    let mut body = resp.into_body();
+    let first = soon("the first body bytes", body.frame()).await;
+    let first = first
+        .expect("a frame")
+        .expect("data")
+        .into_data()
+        .expect("data");
+    assert_eq!(&first[..], b"abc");
+    drop(body);
+    assert!(
+        matches!(direct.take_raw(&authority), RawTake::Absent),
+        "a connection with half a body still on the wire was kept for the next request"
+    );
+}
