@@ -31,6 +31,8 @@ use crate::proxy::UpstreamTarget;
 
 /// Most header lines a response head may carry (hyper's client default).
 const MAX_HEADERS: usize = 100;
+/// Header slots a parsed response map gets beyond its own fields (see `parse_head`).
+const HEADER_HEADROOM: usize = 16;
 /// Largest response head, and largest buffered read (hyper's client default).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// First read size of a connection; doubled while reads fill it, up to [`MAX_READ`].
@@ -217,7 +219,15 @@ impl RequestHead<'_> {
 struct Head {
     status: StatusCode,
     version: Version,
+    /// The fields to pass on: all but the hop-by-hop ones read below, which never go to the
+    /// client and would only be removed again.
     headers: HeaderMap,
+    /// `Connection: close` was sent.
+    close: bool,
+    /// `Connection: keep-alive` was sent.
+    keep_alive: bool,
+    /// The last `Transfer-Encoding` field's final coding is `chunked` (`None`: no field).
+    chunked: Option<bool>,
 }
 
 /// Parses a response head off the front of `buf` (`None`: incomplete). The head's bytes are
@@ -246,10 +256,36 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
     };
     let base = buf.as_ptr() as usize;
     let head = Bytes::copy_from_slice(&buf[..len]);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // Room beyond the upstream's fields: the `RateLimit-*` headers go in next, and hyper
+    // reuses this map for the connection's next request, which then takes the forwarded
+    // and identity headers without growing.
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + HEADER_HEADROOM);
+    let (mut close, mut keep_alive, mut chunked) = (false, false, None);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Failure::Broken("bad header name".into()))?;
+        if name == header::CONNECTION {
+            // Kept only when it names other fields (for `proxy::strip_hop_by_hop` to drop).
+            let mut names_fields = false;
+            for token in h.value.split(|&b| b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !token.is_empty() {
+                    names_fields = true;
+                }
+            }
+            if !names_fields {
+                continue;
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            continue;
+        } else if name.as_str() == "keep-alive" {
+            continue;
+        }
         // Where the value sits in the head (an empty value may point anywhere: copied).
         let span = (h.value.as_ptr() as usize)
             .checked_sub(base)
@@ -267,6 +303,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
         status,
         version,
         headers,
+        close,
+        keep_alive,
+        chunked,
     }))
 }
 
@@ -283,15 +322,6 @@ fn trim(b: &[u8]) -> &[u8] {
     b.trim_ascii()
 }
 
-/// Whether a comma-separated header has the token `token`.
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| trim(t).eq_ignore_ascii_case(token))
-    })
-}
-
 impl Head {
     /// The body's framing, and whether the connection can carry another request after it.
     /// Removes a `Content-Length` that `Transfer-Encoding` overrides.
@@ -301,24 +331,14 @@ impl Head {
                 "101 to a request that asked no upgrade".into(),
             ));
         }
-        let close = has_token(&self.headers, &header::CONNECTION, b"close");
-        let mut keep_alive = !close
-            && (self.version == Version::HTTP_11
-                || has_token(&self.headers, &header::CONNECTION, b"keep-alive"));
+        let mut keep_alive = !self.close && (self.version == Version::HTTP_11 || self.keep_alive);
         let framing = if *method == Method::HEAD
             || self.status == StatusCode::NO_CONTENT
             || self.status == StatusCode::NOT_MODIFIED
         {
             Framing::Empty
-        } else if let Some(te) = self
-            .headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
+        } else if let Some(chunked) = self.chunked {
             // The final coding decides; a length beside it is not to be trusted or passed on.
-            let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
-            let chunked = trim(last).eq_ignore_ascii_case(b"chunked");
             if self.headers.remove(header::CONTENT_LENGTH).is_some() {
                 keep_alive = false;
             }
@@ -806,6 +826,23 @@ mod tests {
         ] {
             assert!(head(bad).framing(&get).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_read_not_kept() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\
+             transfer-encoding: gzip, chunked\r\nx-up: 1\r\n\r\n",
+        );
+        assert_eq!(
+            (h.keep_alive, h.close, h.chunked),
+            (true, false, Some(true))
+        );
+        assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
+        // A Connection field naming other fields stays, for the hop-by-hop pass to use.
+        let h = head("HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\n\r\n");
+        assert!(h.close);
+        assert_eq!(h.headers.get("connection").unwrap(), "close, x-hop");
     }
 
     #[test]
