@@ -8,7 +8,7 @@ use keygate::gateway::Outcome;
 
 // The allocator the binary ships with (memory layout decides much of the 1M-key case).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: keygate::alloc::Allocator = keygate::alloc::Allocator;
 
 #[path = "../benches/support/decision_setup.rs"]
 mod decision_setup;

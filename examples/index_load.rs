@@ -10,7 +10,7 @@ use keygate::store::Store;
 
 // The allocator the keygate binary uses, so the memory per key is the binary's.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: keygate::alloc::Allocator = keygate::alloc::Allocator;
 
 /// Resident set size in bytes (Linux).
 fn rss() -> u64 {

@@ -5,6 +5,7 @@
 //! used by both the CLI (`cli`) and the admin API.
 
 pub mod admin;
+pub mod alloc;
 pub mod admin_client;
 pub mod audit;
 pub mod auth;

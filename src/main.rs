@@ -10,9 +10,9 @@ use clap::Parser;
 use keygate::config::Config;
 
 // The request path allocates in hyper's codec and header maps; mimalloc's thread-local free
-// lists cost less there than glibc's bins (measured with benches/load.sh).
+// lists cost less there than glibc's bins (measured with benches/load.sh). See `alloc`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: keygate::alloc::Allocator = keygate::alloc::Allocator;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
