@@ -546,7 +546,6 @@ impl Gateway {
         proxy::strip_credential(headers, &cfg.auth);
         proxy::strip_hop_by_hop(headers, upgrade);
         proxy::set_forwarded_headers(headers, conn, host.as_ref(), &cfg.server.trusted_proxies);
-        proxy::set_identity_headers(headers, key, d);
         headers.remove(header::HOST);
 
         let path = if d.strip_prefix {
@@ -570,7 +569,8 @@ impl Gateway {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
                 let req = Request::from_parts(parts, incoming);
-                proxy::forward(client, direct, target, req, d.timeout).await
+                let identity = proxy::Identity { key, deployment: d };
+                proxy::forward(client, direct, target, req, identity, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {
@@ -581,6 +581,7 @@ impl Gateway {
                 parts.uri = pq
                     .parse()
                     .map_err(|_| GatewayError::invalid("path", "bad path"))?;
+                proxy::set_identity_headers(&mut parts.headers, key, d);
                 Ok(Box::pin(crate::echo::respond(Request::from_parts(parts, incoming))).await)
             }
         }

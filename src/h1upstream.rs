@@ -184,7 +184,12 @@ struct RequestHead<'a> {
     uri: &'a Uri,
     host: &'a HeaderValue,
     headers: &'a HeaderMap,
+    /// Writes further header lines (the identity headers, without a header map).
+    extra: &'a ExtraHeaders<'a>,
 }
+
+/// Writes header lines (`name: value\r\n`) into a request head.
+pub type ExtraHeaders<'a> = dyn Fn(&mut Vec<u8>) + Send + Sync + 'a;
 
 impl RequestHead<'_> {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -205,6 +210,7 @@ impl RequestHead<'_> {
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
+        (self.extra)(out);
         // As hyper does: methods that normally carry a body say it is empty (some servers
         // answer 411 otherwise).
         let bodied = matches!(*self.method, Method::POST | Method::PUT | Method::PATCH);
@@ -465,6 +471,7 @@ pub async fn exchange(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    extra: &ExtraHeaders<'_>,
     timeout: Duration,
 ) -> Result<Option<Response<RawBody>>, GatewayError> {
     let (conn, mut reused) = match direct.take_raw(&target.authority) {
@@ -483,6 +490,7 @@ pub async fn exchange(
         uri,
         host: &target.host,
         headers,
+        extra,
     };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -871,11 +879,12 @@ mod tests {
             uri: &uri,
             host: &host,
             headers: &headers,
+            extra: &|out: &mut Vec<u8>| out.extend_from_slice(b"x-extra: 1\r\n"),
         }
         .encode(&mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET /a/b?c=1 HTTP/1.1\r\nhost: up:8080\r\nx-keygate-key-id: key_1\r\n\r\n"
+            "GET /a/b?c=1 HTTP/1.1\r\nhost: up:8080\r\nx-keygate-key-id: key_1\r\nx-extra: 1\r\n\r\n"
         );
         let mut out = Vec::new();
         RequestHead {
@@ -883,6 +892,7 @@ mod tests {
             uri: &uri,
             host: &host,
             headers: &HeaderMap::new(),
+            extra: &|_: &mut Vec<u8>| {},
         }
         .encode(&mut out);
         assert!(String::from_utf8(out)

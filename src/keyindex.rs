@@ -334,6 +334,21 @@ impl LiveKey {
         self.field(SCOPES).split(',').filter(|s| !s.is_empty())
     }
 
+    /// The name's, owner's and scopes' bytes as sent in the identity headers (borrowed).
+    pub fn name_bytes(&self) -> &[u8] {
+        &self.text[self.range(NAME)]
+    }
+
+    /// See [`LiveKey::name_bytes`].
+    pub fn owner_bytes(&self) -> &[u8] {
+        &self.text[self.range(OWNER)]
+    }
+
+    /// See [`LiveKey::name_bytes`].
+    pub fn scopes_bytes(&self) -> &[u8] {
+        &self.text[self.range(SCOPES)]
+    }
+
     /// `X-Keygate-Key-Id`.
     pub fn hv_id(&self) -> HeaderValue {
         self.header(ID)

@@ -5,8 +5,8 @@
 //! used by both the CLI (`cli`) and the admin API.
 
 pub mod admin;
-pub mod alloc;
 pub mod admin_client;
+pub mod alloc;
 pub mod audit;
 pub mod auth;
 pub mod body;

@@ -320,7 +320,43 @@ pub fn set_forwarded_headers(
     }
 }
 
-/// Adds the identity headers for `key` on `deployment`.
+/// Who a request was admitted as: what the identity headers upstream say.
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    /// The key.
+    pub key: &'a LiveKey,
+    /// The deployment the request goes to.
+    pub deployment: &'a Deployment,
+}
+
+impl Identity<'_> {
+    /// The identity headers, as (name, value) pairs.
+    fn fields(&self) -> [(&'static HeaderName, &[u8]); 6] {
+        [
+            (&H_KEY_ID, self.key.id_bytes()),
+            (&H_KEY_NAME, self.key.name_bytes()),
+            (&H_OWNER, self.key.owner_bytes()),
+            (&H_ROLE, self.key.role.as_str().as_bytes()),
+            (&H_SCOPES, self.key.scopes_bytes()),
+            (&H_DEPLOYMENT, self.deployment.name_header.as_bytes()),
+        ]
+    }
+
+    /// Writes the identity headers as HTTP/1.1 header lines (for `h1upstream`). The values
+    /// are header-safe: key strings are filtered when the live key is built, and deployment
+    /// names are validated with the config.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.fields() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Adds the identity headers for `key` on `deployment` (the same fields as
+/// [`Identity::write`], as zero-copy header values; a test checks they agree).
 pub fn set_identity_headers(headers: &mut HeaderMap, key: &LiveKey, deployment: &Deployment) {
     headers.insert(&H_KEY_ID, key.hv_id());
     headers.insert(&H_KEY_NAME, key.hv_name());
@@ -560,6 +596,7 @@ pub async fn forward(
     direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
     mut req: Request<Incoming>,
+    identity: Identity<'_>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
@@ -575,6 +612,8 @@ pub async fn forward(
             req.method(),
             req.uri(),
             req.headers(),
+            // Written straight into the request head: no header-map entries to make.
+            &|out: &mut Vec<u8>| identity.write(out),
             timeout,
         )
         .await?;
@@ -584,6 +623,7 @@ pub async fn forward(
             return Ok(Response::from_parts(parts, body::raw(body)));
         }
     }
+    set_identity_headers(req.headers_mut(), identity.key, identity.deployment);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
     let progress = Arc::new(Progress::new());
@@ -631,6 +671,43 @@ pub async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The identity headers keygate's own HTTP/1.1 writer sends are the ones hyper's path
+    /// sets in the header map, in the same order.
+    #[test]
+    fn written_identity_headers_match_the_header_map_ones() {
+        let config = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[deployments]]\nname = \"billing\"\nupstream = \"echo\"\n",
+        )
+        .unwrap();
+        let deployment = &config.deployments[0];
+        let hasher = crate::keys::SecretHasher::new(None);
+        let (record, _) = crate::keys::KeyRecord::issue(
+            "CI pipeline".into(),
+            crate::keys::Role::Viewer,
+            vec!["read".into(), "data:read".into()],
+            vec!["billing".into()],
+            &hasher,
+        )
+        .unwrap();
+        let key = LiveKey::from_record(&record);
+        let mut map = HeaderMap::new();
+        set_identity_headers(&mut map, &key, deployment);
+        let from_map: Vec<String> = map
+            .iter()
+            .map(|(n, v)| format!("{n}: {}\r\n", v.to_str().unwrap()))
+            .collect();
+        let mut written = Vec::new();
+        Identity {
+            key: &key,
+            deployment,
+        }
+        .write(&mut written);
+        assert_eq!(String::from_utf8(written).unwrap(), from_map.concat());
+        assert_eq!(map.len(), 6);
+        assert_eq!(map["x-keygate-scopes"], "read,data:read");
+    }
 
     fn trusted() -> Vec<IpNet> {
         vec![

@@ -1003,7 +1003,15 @@ async fn raw_get(
     let uri = "/x".parse().unwrap();
     let resp = soon(
         "the response head",
-        keygate::h1upstream::exchange(direct, &target, &Method::GET, &uri, &HeaderMap::new(), SOON),
+        keygate::h1upstream::exchange(
+            direct,
+            &target,
+            &Method::GET,
+            &uri,
+            &HeaderMap::new(),
+            &|_: &mut Vec<u8>| {},
+            SOON,
+        ),
     )
     .await
     .expect("an answer")
