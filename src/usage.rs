@@ -211,6 +211,11 @@ impl Default for LastUseCell {
 
 impl LastUseCell {
     fn record(&self, now: i64, ip: IpAddr, user_agent: Option<&HeaderValue>) {
+        // Kept to the second, like the time: a second already recorded stays as its first
+        // request left it (one load, where comparing address and user agent cost ~10 ns).
+        if self.at.load(Ordering::Relaxed) == now {
+            return;
+        }
         let unchanged = self
             .seen
             .load()
@@ -651,6 +656,30 @@ mod tests {
             .range((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))
             .unwrap();
         rows.map(|r| r.unwrap().1.value()).sum()
+    }
+
+    #[test]
+    fn last_use_is_kept_to_the_second() {
+        let cell = LastUseCell::default();
+        assert!(cell.snapshot().is_none());
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        cell.record(1_000, a, None);
+        cell.record(1_000, b, None);
+        assert_eq!(
+            cell.snapshot().unwrap().ip,
+            "10.0.0.1",
+            "the second's first request"
+        );
+        let ua = HeaderValue::from_static("curl/8");
+        cell.record(1_001, b, Some(&ua));
+        let last = cell.snapshot().unwrap();
+        assert_eq!((last.at, last.ip.as_str()), (1_001, "10.0.0.2"));
+        assert_eq!(last.user_agent.as_deref(), Some("curl/8"));
+        assert!(cell.take_due(true).is_some());
+        assert!(
+            cell.take_due(true).is_none(),
+            "nothing new since the flush took it"
+        );
     }
 
     /// Flushes running concurrently with requests and readers: a report never misses a count
