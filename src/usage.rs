@@ -441,10 +441,15 @@ impl Usage {
                 }
             }
         }
-        // Counters of past days that stayed at zero are done with.
+        // Counters of past days that stayed at zero are done with. `retain` write-locks every
+        // shard in turn, and this thread runs at nice 19: a request needing a shard it holds
+        // would wait for it to be scheduled again (p99 rose ~0.8 ms under load). So look first
+        // (read locks only) and remove only when something is there to remove.
         let today = day_number(Utc::now().timestamp());
-        self.counters
-            .retain(|k, v| k.day >= today || v.load(Ordering::Acquire) > 0);
+        let spent = |k: &CounterKey, v: &AtomicU64| k.day < today && v.load(Ordering::Acquire) == 0;
+        if self.counters.iter().any(|c| spent(c.key(), c.value())) {
+            self.counters.retain(|k, v| !spent(k, v));
+        }
         self.last_flush_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         result.map(|()| deltas.iter().map(|(_, n)| n).sum())
@@ -656,6 +661,34 @@ mod tests {
             .range((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))
             .unwrap();
         rows.map(|r| r.unwrap().1.value()).sum()
+    }
+
+    #[test]
+    fn flushed_counters_of_past_days_are_dropped_and_todays_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
+        let usage = Usage::new(store).unwrap();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let op = Operation::Method(Method::GET);
+        let now = Utc::now().timestamp();
+        for at in [now - 3 * 86_400, now - 86_400, now] {
+            usage.record(Hit {
+                key: "key_a",
+                state: &state,
+                deployment: &dep,
+                operation: &op,
+                status: 200,
+                now: at,
+                ip: IpAddr::from([127, 0, 0, 1]),
+                user_agent: None,
+            });
+        }
+        assert_eq!(usage.counters.len(), 3);
+        assert_eq!(usage.flush().unwrap(), 3);
+        assert_eq!(usage.counters.len(), 1, "only today's counter stays");
+        assert_eq!(usage.flush().unwrap(), 0);
+        assert_eq!(usage.counters.len(), 1);
     }
 
     #[test]
