@@ -415,7 +415,16 @@ impl Checkout {
         let conn = self
             .conn
             .take()
-            .filter(|c| self.reusable && c.buf.is_empty());
+            .filter(|c| self.reusable && c.buf.is_empty())
+            .map(|mut c| {
+                // An idle connection keeps a small buffer: a large body grew it, and up to
+                // `MAX_DIRECT` connections may sit idle.
+                if c.buf.capacity() > 4 * INITIAL_READ {
+                    c.buf = BytesMut::new();
+                }
+                c.read_size = INITIAL_READ;
+                c
+            });
         self.home.return_raw(conn);
     }
 }
@@ -426,16 +435,25 @@ impl Drop for Checkout {
     }
 }
 
+/// `host:port` to connect to (an IPv6 literal keeps its brackets, as `SocketAddr` parsing
+/// wants them; a name is resolved).
+fn connect_address(authority: &Authority) -> String {
+    format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    )
+}
+
 /// Opens a connection for this module, under the process-wide bound on direct connections.
 async fn connect(target: &UpstreamTarget) -> Result<Option<RawConn>, GatewayError> {
     let Some(permit) = Permit::acquire() else {
         return Ok(None);
     };
     let authority = &target.authority;
-    let port = authority.port_u16().unwrap_or(80);
     let stream = match tokio::time::timeout(
         target.connect_timeout,
-        TcpStream::connect((authority.host(), port)),
+        TcpStream::connect(connect_address(authority)),
     )
     .await
     {
@@ -865,6 +883,17 @@ mod tests {
         assert_eq!(&buf[..], b"body");
         let mut junk = BytesMut::from(&b"FOO\r\n\r\n"[..]);
         assert!(parse_head(&mut junk).is_err());
+    }
+
+    #[test]
+    fn connect_addresses_keep_ipv6_brackets() {
+        for (authority, addr) in [
+            ("[::1]:8080", "[::1]:8080"),
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("backend", "backend:80"),
+        ] {
+            assert_eq!(connect_address(&authority.parse().unwrap()), addr);
+        }
     }
 
     #[test]
