@@ -545,7 +545,8 @@ impl Gateway {
         proxy::strip_keygate_headers(headers);
         proxy::strip_credential(headers, &cfg.auth);
         proxy::strip_hop_by_hop(headers, upgrade);
-        proxy::set_forwarded_headers(headers, conn, host.as_ref(), &cfg.server.trusted_proxies);
+        let forwarded =
+            proxy::Forwarded::new(headers, conn, host.as_ref(), &cfg.server.trusted_proxies);
         headers.remove(header::HOST);
 
         let path = if d.strip_prefix {
@@ -569,8 +570,11 @@ impl Gateway {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
                 let req = Request::from_parts(parts, incoming);
-                let identity = proxy::Identity { key, deployment: d };
-                proxy::forward(client, direct, target, req, identity, d.timeout).await
+                let additions = proxy::Additions {
+                    forwarded,
+                    identity: proxy::Identity { key, deployment: d },
+                };
+                proxy::forward(client, direct, target, req, additions, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {
@@ -581,7 +585,11 @@ impl Gateway {
                 parts.uri = pq
                     .parse()
                     .map_err(|_| GatewayError::invalid("path", "bad path"))?;
-                proxy::set_identity_headers(&mut parts.headers, key, d);
+                proxy::Additions {
+                    forwarded,
+                    identity: proxy::Identity { key, deployment: d },
+                }
+                .apply(&mut parts.headers);
                 Ok(Box::pin(crate::echo::respond(Request::from_parts(parts, incoming))).await)
             }
         }

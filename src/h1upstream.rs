@@ -184,12 +184,25 @@ struct RequestHead<'a> {
     uri: &'a Uri,
     host: &'a HeaderValue,
     headers: &'a HeaderMap,
-    /// Writes further header lines (the identity headers, without a header map).
-    extra: &'a ExtraHeaders<'a>,
+    /// Headers replaced or added on the way (written here, not put in a header map first).
+    edits: &'a dyn HeadEdits,
 }
 
-/// Writes header lines (`name: value\r\n`) into a request head.
-pub type ExtraHeaders<'a> = dyn Fn(&mut Vec<u8>) + Send + Sync + 'a;
+/// Changes to a request's headers applied while its head is written.
+pub trait HeadEdits: Send + Sync {
+    /// True for a header of the map not to write (it is replaced or removed).
+    fn skips(&self, name: &HeaderName) -> bool;
+    /// Writes further header lines (`name: value\r\n`).
+    fn write(&self, out: &mut Vec<u8>);
+}
+
+/// No changes.
+impl HeadEdits for () {
+    fn skips(&self, _: &HeaderName) -> bool {
+        false
+    }
+    fn write(&self, _: &mut Vec<u8>) {}
+}
 
 impl RequestHead<'_> {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -205,12 +218,15 @@ impl RequestHead<'_> {
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in self.headers {
+            if self.edits.skips(name) {
+                continue;
+            }
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        (self.extra)(out);
+        self.edits.write(out);
         // As hyper does: methods that normally carry a body say it is empty (some servers
         // answer 411 otherwise).
         let bodied = matches!(*self.method, Method::POST | Method::PUT | Method::PATCH);
@@ -489,7 +505,7 @@ pub async fn exchange(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    extra: &ExtraHeaders<'_>,
+    edits: &dyn HeadEdits,
     timeout: Duration,
 ) -> Result<Option<Response<RawBody>>, GatewayError> {
     let (conn, mut reused) = match direct.take_raw(&target.authority) {
@@ -508,7 +524,7 @@ pub async fn exchange(
         uri,
         host: &target.host,
         headers,
-        extra,
+        edits,
     };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -896,10 +912,23 @@ mod tests {
         }
     }
 
+    /// Drops `x-drop`, adds `x-extra: 1`.
+    struct Extra;
+
+    impl HeadEdits for Extra {
+        fn skips(&self, name: &HeaderName) -> bool {
+            name.as_str() == "x-drop"
+        }
+        fn write(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(b"x-extra: 1\r\n");
+        }
+    }
+
     #[test]
     fn request_head_encoding() {
         let mut headers = HeaderMap::new();
         headers.insert("x-keygate-key-id", HeaderValue::from_static("key_1"));
+        headers.insert("x-drop", HeaderValue::from_static("1"));
         let uri: Uri = "/a/b?c=1".parse().unwrap();
         let host = HeaderValue::from_static("up:8080");
         let mut out = Vec::new();
@@ -908,7 +937,7 @@ mod tests {
             uri: &uri,
             host: &host,
             headers: &headers,
-            extra: &|out: &mut Vec<u8>| out.extend_from_slice(b"x-extra: 1\r\n"),
+            edits: &Extra,
         }
         .encode(&mut out);
         assert_eq!(
@@ -921,7 +950,7 @@ mod tests {
             uri: &uri,
             host: &host,
             headers: &HeaderMap::new(),
-            extra: &|_: &mut Vec<u8>| {},
+            edits: &(),
         }
         .encode(&mut out);
         assert!(String::from_utf8(out)

@@ -278,6 +278,93 @@ fn peer_header(ip: IpAddr) -> HeaderValue {
     })
 }
 
+/// The `X-Forwarded-*` headers a request goes upstream with, following the
+/// `trusted_proxies` rules: for each, `Some(value)` replaces what the client sent, `None`
+/// leaves it as sent; `host: Some(None)` removes it.
+pub struct Forwarded {
+    /// `X-Forwarded-For`.
+    pub for_: Option<HeaderValue>,
+    /// `X-Forwarded-Proto`.
+    pub proto: Option<HeaderValue>,
+    /// `X-Forwarded-Host`.
+    pub host: Option<Option<HeaderValue>>,
+}
+
+impl Forwarded {
+    /// Works out the headers for a request with `headers` from `conn`.
+    pub fn new(
+        headers: &HeaderMap,
+        conn: &ConnInfo,
+        host: Option<&HeaderValue>,
+        trusted: &[IpNet],
+    ) -> Self {
+        let peer = canonical(conn.peer.ip());
+        let from_trusted = is_trusted(peer, trusted);
+        let existing: Vec<&str> = if from_trusted {
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let for_ = if existing.is_empty() {
+            Some(peer_header(peer))
+        } else {
+            HeaderValue::from_str(&format!("{}, {peer}", existing.join(", "))).ok()
+        };
+        let proto = (!(from_trusted && headers.contains_key(&X_FORWARDED_PROTO)))
+            .then(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+        let host =
+            (!(from_trusted && headers.contains_key(&X_FORWARDED_HOST))).then(|| host.cloned());
+        Forwarded { for_, proto, host }
+    }
+
+    /// Sets them in a header map.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        if let Some(v) = self.for_ {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = self.proto {
+            headers.insert(&X_FORWARDED_PROTO, v);
+        }
+        match self.host {
+            Some(Some(v)) => {
+                headers.insert(&X_FORWARDED_HOST, v);
+            }
+            Some(None) => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+            None => {}
+        }
+    }
+
+    /// True for a header whose client-sent values these replace (or remove).
+    fn replaces(&self, name: &HeaderName) -> bool {
+        (self.for_.is_some() && *name == X_FORWARDED_FOR)
+            || (self.proto.is_some() && *name == X_FORWARDED_PROTO)
+            || (self.host.is_some() && *name == X_FORWARDED_HOST)
+    }
+
+    /// Writes the headers these set as HTTP/1.1 header lines.
+    fn write(&self, out: &mut Vec<u8>) {
+        let set = [
+            (&X_FORWARDED_FOR, self.for_.as_ref()),
+            (&X_FORWARDED_PROTO, self.proto.as_ref()),
+            (
+                &X_FORWARDED_HOST,
+                self.host.as_ref().and_then(Option::as_ref),
+            ),
+        ];
+        for (name, value) in set {
+            if let Some(v) = value {
+                write_header_line(out, name, v.as_bytes());
+            }
+        }
+    }
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host` following the `trusted_proxies` rules.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
@@ -285,38 +372,41 @@ pub fn set_forwarded_headers(
     host: Option<&HeaderValue>,
     trusted: &[IpNet],
 ) {
-    let peer = canonical(conn.peer.ip());
-    let from_trusted = is_trusted(peer, trusted);
-    let existing: Vec<&str> = if from_trusted {
-        headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let xff = if existing.is_empty() {
-        Some(peer_header(peer))
-    } else {
-        HeaderValue::from_str(&format!("{}, {peer}", existing.join(", "))).ok()
-    };
-    if let Some(v) = xff {
-        headers.insert(&X_FORWARDED_FOR, v);
+    Forwarded::new(headers, conn, host, trusted).apply(headers);
+}
+
+/// Appends `name: value\r\n`.
+fn write_header_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What keygate adds to a request on its way upstream: the forwarded and identity headers.
+pub struct Additions<'a> {
+    /// `X-Forwarded-*`.
+    pub forwarded: Forwarded,
+    /// `X-Keygate-*`.
+    pub identity: Identity<'a>,
+}
+
+impl Additions<'_> {
+    /// Sets them in a header map (hyper's path, echo).
+    pub fn apply(self, headers: &mut HeaderMap) {
+        self.forwarded.apply(headers);
+        set_identity_headers(headers, self.identity.key, self.identity.deployment);
     }
-    if !(from_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        let proto = if conn.tls { "https" } else { "http" };
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+impl crate::h1upstream::HeadEdits for Additions<'_> {
+    fn skips(&self, name: &HeaderName) -> bool {
+        self.forwarded.replaces(name)
     }
-    if !(from_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match host {
-            Some(h) => {
-                headers.insert(&X_FORWARDED_HOST, h.clone());
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
-        }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        self.forwarded.write(out);
+        self.identity.write(out);
     }
 }
 
@@ -347,10 +437,7 @@ impl Identity<'_> {
     /// names are validated with the config.
     pub fn write(&self, out: &mut Vec<u8>) {
         for (name, value) in self.fields() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            write_header_line(out, name, value);
         }
     }
 }
@@ -596,7 +683,7 @@ pub async fn forward(
     direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
     mut req: Request<Incoming>,
-    identity: Identity<'_>,
+    additions: Additions<'_>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
@@ -613,7 +700,7 @@ pub async fn forward(
             req.uri(),
             req.headers(),
             // Written straight into the request head: no header-map entries to make.
-            &|out: &mut Vec<u8>| identity.write(out),
+            &additions,
             timeout,
         )
         .await?;
@@ -623,7 +710,7 @@ pub async fn forward(
             return Ok(Response::from_parts(parts, body::raw(body)));
         }
     }
-    set_identity_headers(req.headers_mut(), identity.key, identity.deployment);
+    additions.apply(req.headers_mut());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
     let progress = Arc::new(Progress::new());
@@ -671,6 +758,56 @@ pub async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The forwarded headers keygate's own HTTP/1.1 writer sends (client fields it skips,
+    /// plus the lines it writes) are what hyper's path gets by setting them in the map.
+    #[test]
+    fn written_forwarded_headers_match_the_header_map_ones() {
+        let peers = ["127.0.0.1:5000", "203.0.113.9:5000"];
+        let hosts = [Some(HeaderValue::from_static("api.example")), None];
+        for peer in peers {
+            for host in &hosts {
+                for sent in [false, true] {
+                    let mut h = HeaderMap::new();
+                    h.insert("accept", HeaderValue::from_static("*/*"));
+                    if sent {
+                        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+                        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+                        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("front.example"));
+                    }
+                    let conn = ConnInfo {
+                        peer: peer.parse().unwrap(),
+                        tls: false,
+                    };
+                    let mut map = h.clone();
+                    set_forwarded_headers(&mut map, &conn, host.as_ref(), &trusted());
+                    let mut from_map: Vec<String> = map
+                        .iter()
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .collect();
+                    let fwd = Forwarded::new(&h, &conn, host.as_ref(), &trusted());
+                    let mut out = Vec::new();
+                    fwd.write(&mut out);
+                    let mut written: Vec<String> = h
+                        .iter()
+                        .filter(|(n, _)| !fwd.replaces(n))
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .chain(String::from_utf8(out).unwrap().lines().map(str::to_string))
+                        .collect();
+                    from_map.sort();
+                    written.sort();
+                    assert_eq!(written, from_map, "peer {peer}, host {host:?}, sent {sent}");
+                }
+            }
+        }
+        // An untrusted peer's own values replace whatever it sent, host included (removed).
+        let conn = ConnInfo {
+            peer: "203.0.113.9:5000".parse().unwrap(),
+            tls: true,
+        };
+        let fwd = Forwarded::new(&HeaderMap::new(), &conn, None, &trusted());
+        assert!(fwd.replaces(&X_FORWARDED_FOR) && fwd.replaces(&X_FORWARDED_HOST));
+    }
 
     /// The identity headers keygate's own HTTP/1.1 writer sends are the ones hyper's path
     /// sets in the header map, in the same order.

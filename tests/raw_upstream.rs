@@ -1009,7 +1009,7 @@ async fn raw_get(
             &Method::GET,
             &uri,
             &HeaderMap::new(),
-            &|_: &mut Vec<u8>| {},
+            &(),
             SOON,
         ),
     )
