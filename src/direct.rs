@@ -52,6 +52,38 @@ impl Drop for Permit {
     }
 }
 
+/// `host:port` to connect to (an IPv6 literal keeps its brackets, as `SocketAddr` parsing
+/// wants them; a name is resolved).
+fn connect_address(authority: &Authority) -> String {
+    format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    )
+}
+
+/// Opens a TCP connection to a plain-HTTP upstream within `connect_timeout`, Nagle off
+/// (`502` when refused, `504` when it takes too long).
+pub async fn open(
+    target: &Authority,
+    connect_timeout: Duration,
+) -> Result<TcpStream, GatewayError> {
+    let connecting = TcpStream::connect(connect_address(target));
+    let stream = match tokio::time::timeout(connect_timeout, connecting).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = %target, error = %e, "upstream connect failed");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        Err(_) => {
+            tracing::debug!(upstream = %target, "upstream connect timed out");
+            return Err(GatewayError::UpstreamTimeout);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// A request sender on a direct connection.
 pub type Sender = SendRequest<UpstreamBody>;
 
@@ -187,20 +219,7 @@ impl DirectUpstream {
         let Some(permit) = Permit::acquire() else {
             return Ok(None);
         };
-        let port = target.port_u16().unwrap_or(80);
-        let addr = format!("{}:{port}", target.host());
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(upstream = %target, error = %e, "upstream connect failed");
-                return Err(GatewayError::UpstreamUnavailable);
-            }
-            Err(_) => {
-                tracing::debug!(upstream = %target, "upstream connect timed out");
-                return Err(GatewayError::UpstreamTimeout);
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = open(target, connect_timeout).await?;
         let (sender, connection) = Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -247,6 +266,20 @@ impl DirectUpstream {
                 slot.sender = None;
                 slot.target = None;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connect_addresses_keep_ipv6_brackets() {
+        for (authority, addr) in [
+            ("[::1]:8080", "[::1]:8080"),
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("backend", "backend:80"),
+        ] {
+            assert_eq!(super::connect_address(&authority.parse().unwrap()), addr);
         }
     }
 }

@@ -451,39 +451,13 @@ impl Drop for Checkout {
     }
 }
 
-/// `host:port` to connect to (an IPv6 literal keeps its brackets, as `SocketAddr` parsing
-/// wants them; a name is resolved).
-fn connect_address(authority: &Authority) -> String {
-    format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    )
-}
-
 /// Opens a connection for this module, under the process-wide bound on direct connections.
 async fn connect(target: &UpstreamTarget) -> Result<Option<RawConn>, GatewayError> {
     let Some(permit) = Permit::acquire() else {
         return Ok(None);
     };
     let authority = &target.authority;
-    let stream = match tokio::time::timeout(
-        target.connect_timeout,
-        TcpStream::connect(connect_address(authority)),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(upstream = %authority, error = %e, "upstream connect failed");
-            return Err(GatewayError::UpstreamUnavailable);
-        }
-        Err(_) => {
-            tracing::debug!(upstream = %authority, "upstream connect timed out");
-            return Err(GatewayError::UpstreamTimeout);
-        }
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = crate::direct::open(authority, target.connect_timeout).await?;
     Ok(Some(RawConn {
         stream,
         target: authority.clone(),
@@ -899,17 +873,6 @@ mod tests {
         assert_eq!(&buf[..], b"body");
         let mut junk = BytesMut::from(&b"FOO\r\n\r\n"[..]);
         assert!(parse_head(&mut junk).is_err());
-    }
-
-    #[test]
-    fn connect_addresses_keep_ipv6_brackets() {
-        for (authority, addr) in [
-            ("[::1]:8080", "[::1]:8080"),
-            ("127.0.0.1:9000", "127.0.0.1:9000"),
-            ("backend", "backend:80"),
-        ] {
-            assert_eq!(connect_address(&authority.parse().unwrap()), addr);
-        }
     }
 
     /// Drops `x-drop`, adds `x-extra: 1`.

@@ -654,6 +654,26 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
+    /// A `200` from 127.0.0.1 without a user agent.
+    fn ok_hit<'a>(
+        key: &'a str,
+        state: &'a KeyState,
+        deployment: &'a Arc<str>,
+        operation: &'a Operation,
+        now: i64,
+    ) -> Hit<'a> {
+        Hit {
+            key,
+            state,
+            deployment,
+            operation,
+            status: 200,
+            now,
+            ip: IpAddr::from([127, 0, 0, 1]),
+            user_agent: None,
+        }
+    }
+
     fn stored_total(store: &Store, id: &str) -> u64 {
         let txn = store.database().begin_read().unwrap();
         let table = txn.open_table(USAGE).unwrap();
@@ -673,16 +693,7 @@ mod tests {
         let op = Operation::Method(Method::GET);
         let now = Utc::now().timestamp();
         for at in [now - 3 * 86_400, now - 86_400, now] {
-            usage.record(Hit {
-                key: "key_a",
-                state: &state,
-                deployment: &dep,
-                operation: &op,
-                status: 200,
-                now: at,
-                ip: IpAddr::from([127, 0, 0, 1]),
-                user_agent: None,
-            });
+            usage.record(ok_hit("key_a", &state, &dep, &op, at));
         }
         assert_eq!(usage.counters.len(), 3);
         assert_eq!(usage.flush().unwrap(), 3);
@@ -733,16 +744,7 @@ mod tests {
                 let op = Operation::Method(Method::GET);
                 for _ in 0..N {
                     let now = Utc::now().timestamp();
-                    usage.record(Hit {
-                        key: "key_a",
-                        state: &state,
-                        deployment: &dep,
-                        operation: &op,
-                        status: 200,
-                        now,
-                        ip: IpAddr::from([127, 0, 0, 1]),
-                        user_agent: None,
-                    });
+                    usage.record(ok_hit("key_a", &state, &dep, &op, now));
                     recorded.fetch_add(1, Ordering::SeqCst);
                 }
             })
@@ -794,16 +796,7 @@ mod tests {
             let state = usage.key_states().of_id(id);
             for i in 0..200u32 {
                 let op = Operation::Route(Arc::from(format!("op{}", i % 50)));
-                usage.record(Hit {
-                    key: id,
-                    state: &state,
-                    deployment: &dep,
-                    operation: &op,
-                    status: 200,
-                    now: Utc::now().timestamp(),
-                    ip: IpAddr::from([127, 0, 0, 1]),
-                    user_agent: None,
-                });
+                usage.record(ok_hit(id, &state, &dep, &op, Utc::now().timestamp()));
             }
             let barrier = Arc::new(std::sync::Barrier::new(2));
             let (u, b) = (usage.clone(), barrier.clone());

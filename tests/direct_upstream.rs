@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config_text, start_gateway_with, TestGateway};
+use common::{config_text, h1_client, start_gateway_with, TestGateway};
 use http::header::CONNECTION;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -271,18 +271,6 @@ fn keyed(path: &str, secret: &str) -> Request<Empty<Bytes>> {
         .header("x-api-key", secret)
         .body(Empty::new())
         .unwrap()
-}
-
-/// One HTTP/1.1 client connection (kept for the client's lifetime).
-async fn h1_client(addr: SocketAddr) -> http1::SendRequest<Empty<Bytes>> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the gateway");
-    let (tx, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
-    tx
 }
 
 /// One h2c (prior knowledge) client connection.

@@ -21,11 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{start_gateway, TestGateway};
+use common::{h1_client, start_gateway, TestGateway};
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -263,18 +262,6 @@ async fn get(gw: &TestGateway, path: &str, secret: &str) -> common::Answer {
         common::get(gw.addr(), path, &[("x-api-key", secret)]),
     )
     .await
-}
-
-/// One HTTP/1.1 client connection (kept for the client's lifetime).
-async fn h1_client(addr: SocketAddr) -> http1::SendRequest<Empty<Bytes>> {
-    let stream = soon("connect to the gateway", TcpStream::connect(addr))
-        .await
-        .expect("connect to the gateway");
-    let (tx, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
-    tx
 }
 
 /// What a client connection got for one request.

@@ -293,6 +293,24 @@ pub async fn send(
     }
 }
 
+/// One HTTP/1.1 client connection to `addr` (kept for the client's lifetime).
+pub async fn h1_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .expect("connected to the gateway in time")
+    .expect("connect to the gateway");
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    tx
+}
+
 /// GET with headers.
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
     send(addr, Method::GET, path, headers, Bytes::new()).await
