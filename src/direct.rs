@@ -107,11 +107,17 @@ struct Slot {
     driver: Option<Driver>,
     /// That task's waker, to have a newly opened connection polled.
     waker: Option<Waker>,
-    /// The idle connection `h1upstream` speaks on (body-less requests).
-    raw: Option<RawConn>,
+    /// Idle connections `h1upstream` speaks on (body-less requests), one per upstream this
+    /// client connection's requests went to, at most [`MAX_RAW_IDLE`], oldest first.
+    raw: Vec<RawConn>,
     /// True while a request has it (or is opening one).
     raw_out: bool,
 }
+
+/// Idle `h1upstream` connections a client connection keeps, to as many upstreams: its
+/// requests may go to several deployments (a load balancer's connection carries anybody's),
+/// and alternating between two must not reconnect every time.
+pub const MAX_RAW_IDLE: usize = 4;
 
 /// What [`DirectUpstream::take_raw`] found.
 pub enum RawTake {
@@ -159,18 +165,17 @@ impl DirectUpstream {
             .map(|sender| Lease { sender, held: true })
     }
 
-    /// Lends out the `h1upstream` connection to `target` (an idle one to another upstream is
-    /// closed). Whatever is lent, including `Absent`, is answered by one
-    /// [`DirectUpstream::return_raw`].
+    /// Lends out the idle `h1upstream` connection to `target`. Whatever is lent, including
+    /// `Absent`, is answered by one [`DirectUpstream::return_raw`].
     pub fn take_raw(&self, target: &Authority) -> RawTake {
         let mut slot = self.lock();
         if slot.raw_out {
             return RawTake::Busy;
         }
         slot.raw_out = true;
-        match slot.raw.take() {
-            Some(conn) if conn.target() == target => RawTake::Idle(conn),
-            _ => RawTake::Absent,
+        match slot.raw.iter().position(|c| c.target() == target) {
+            Some(i) => RawTake::Idle(slot.raw.remove(i)),
+            None => RawTake::Absent,
         }
     }
 
@@ -179,8 +184,12 @@ impl DirectUpstream {
     pub fn return_raw(&self, conn: Option<RawConn>) {
         let mut slot = self.lock();
         slot.raw_out = false;
-        if conn.is_some() {
-            slot.raw = conn;
+        if let Some(conn) = conn {
+            if slot.raw.len() >= MAX_RAW_IDLE {
+                // The least recently used goes (and closes).
+                slot.raw.remove(0);
+            }
+            slot.raw.push(conn);
         }
     }
 

@@ -1044,3 +1044,36 @@ async fn a_half_read_body_does_not_give_its_connection_back() {
         "a connection with half a body still on the wire was kept for the next request"
     );
 }
+
+/// A client connection whose requests go to two deployments alternately keeps one upstream
+/// connection to each (no reconnect per request).
+#[tokio::test]
+async fn alternating_deployments_keep_a_connection_each() {
+    let replies = |body: &str| (0..2).map(|_| Reply::keep(ok_with(body))).collect();
+    let a = script_upstream(replies("a")).await;
+    let b = script_upstream(replies("b")).await;
+    let gw = common::start_gateway_with(|dir| {
+        common::config_text(
+            dir,
+            "",
+            &format!(
+                "[[deployments]]\nname = \"a\"\nupstream = \"http://{}\"\npath_prefix = \"/a\"\n\n\
+                 [[deployments]]\nname = \"b\"\nupstream = \"http://{}\"\npath_prefix = \"/b\"\n",
+                a.addr, b.addr
+            ),
+        )
+    })
+    .await;
+    let (_, secret) = gw.operator_key();
+    let mut client = h1_client(gw.addr()).await;
+    for (path, body) in [("/a/1", "a"), ("/b/1", "b"), ("/a/2", "a"), ("/b/2", "b")] {
+        let got = h1_get(&mut client, path, &secret).await;
+        assert_eq!(got.status, StatusCode::OK, "{path}: {got:?}");
+        assert_eq!(got.body(), body.as_bytes(), "{path}");
+    }
+    assert_eq!(
+        (a.accepted(), b.accepted()),
+        (1, 1),
+        "upstream connections opened"
+    );
+}
