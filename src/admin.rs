@@ -279,8 +279,7 @@ impl AdminApi {
             }
             (&Method::DELETE, ["keys", id]) => {
                 let id = id.to_string();
-                let deleted = blocking(move || m.delete(&id, &actor)).await?;
-                self.gateway.forget_key(&deleted.id);
+                blocking(move || m.delete(&id, &actor)).await?;
                 let mut r = Response::new(body::empty());
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 Ok(r)

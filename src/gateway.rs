@@ -268,11 +268,6 @@ impl Gateway {
         self.metrics.render(&gauges)
     }
 
-    /// Frees per-key state of a deleted key.
-    pub fn forget_key(&self, id: &str) {
-        self.usage.key_states().forget(id);
-    }
-
     /// Handles one data-plane request: one access-log line, usage and metrics. `direct` is
     /// the client connection's own upstream connection.
     pub async fn handle(
@@ -501,6 +496,7 @@ impl Gateway {
             &self.usage.key_states().of(key).limiter,
             cfg.limit_for(key.role, key.rate_limit.as_ref()),
         );
+        out.rate = Some(decision);
         if let Decision::Denied {
             limit,
             retry_after,
@@ -508,14 +504,12 @@ impl Gateway {
             ..
         } = decision
         {
-            out.rate = Some(decision);
             return Err(GatewayError::RateLimited {
                 limit,
                 window_seconds: window,
                 retry_after_seconds: retry_after,
             });
         }
-        out.rate = Some(decision);
         out.authorized = true;
         Ok(key)
     }

@@ -22,7 +22,7 @@ use http::{
     header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version,
 };
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::direct::{DirectUpstream, Permit, RawTake};
@@ -114,13 +114,6 @@ impl RawConn {
         }
     }
 
-    /// Reads more into `buf`, as a future.
-    async fn fill(&mut self) -> io::Result<usize> {
-        self.reserve_read();
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        Ok(self.grew(n))
-    }
-
     /// Writes the request head and reads the final response head.
     async fn round_trip(&mut self, request: &RequestHead<'_>) -> Result<Head, Failure> {
         self.head.clear();
@@ -146,7 +139,7 @@ impl RawConn {
                 return Err(Failure::Broken("response head too large".into()));
             }
             let got = !self.buf.is_empty() || answered;
-            match self.fill().await {
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
                 Ok(0) if !got => {
                     return Err(Failure::Unseen(io::ErrorKind::UnexpectedEof.into()));
                 }
@@ -204,6 +197,14 @@ impl HeadEdits for () {
     fn write(&self, _: &mut Vec<u8>) {}
 }
 
+/// Appends the header line `name: value\r\n`.
+pub fn write_header_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 impl RequestHead<'_> {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.method.as_str().as_bytes());
@@ -218,13 +219,9 @@ impl RequestHead<'_> {
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in self.headers {
-            if self.edits.skips(name) {
-                continue;
+            if !self.edits.skips(name) {
+                write_header_line(out, name, value.as_bytes());
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
         }
         self.edits.write(out);
         // As hyper does: methods that normally carry a body say it is empty (some servers
@@ -289,7 +286,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
         if name == header::CONNECTION {
             // Kept only when it names other fields (for `proxy::strip_hop_by_hop` to drop).
             let mut names_fields = false;
-            for token in h.value.split(|&b| b == b',').map(trim) {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
@@ -303,7 +300,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
             }
         } else if name == header::TRANSFER_ENCODING {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             continue;
         } else if name.as_str() == "keep-alive" {
             continue;
@@ -338,10 +335,6 @@ enum Framing {
     Length(u64),
     Chunked,
     UntilClose,
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
 }
 
 impl Head {
@@ -388,7 +381,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Failure> {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|&b| b == b',') {
-            let part = trim(part);
+            let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -549,6 +542,9 @@ pub async fn exchange(
     }
 }
 
+/// What a chunked body that breaks off says.
+const CLOSED_IN_CHUNKS: &str = "upstream closed inside a chunked body";
+
 /// Where a chunked body's reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
@@ -623,15 +619,11 @@ impl RawBody {
                 State::Done => return Poll::Ready(None),
                 State::Length(left) | State::Chunked(Chunk::Data(left)) => {
                     if conn.buf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => {
-                                return Poll::Ready(Some(Err(
-                                    self.fail("upstream closed before the body ended")
-                                )))
-                            }
-                            Ok(_) => continue,
-                            Err(e) => return Poll::Ready(Some(Err(self.fail(e.to_string())))),
+                        let closed = "upstream closed before the body ended";
+                        if let Some(err) = ready!(self.fill_or_fail(cx, closed)) {
+                            return Poll::Ready(Some(Err(err)));
                         }
+                        continue;
                     }
                     let n = left.min(conn.buf.len() as u64) as usize;
                     let data = conn.buf.split_to(n).freeze();
@@ -673,7 +665,7 @@ impl RawBody {
                         return Poll::Ready(Some(Err(self.fail("chunk-size line too long"))));
                     }
                     Ok(httparse::Status::Partial) => {
-                        if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                        if let Some(err) = ready!(self.fill_or_fail(cx, CLOSED_IN_CHUNKS)) {
                             return Poll::Ready(Some(Err(err)));
                         }
                     }
@@ -686,7 +678,7 @@ impl RawBody {
                         }
                         conn.buf.advance(2);
                         self.state = State::Chunked(Chunk::Size);
-                    } else if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                    } else if let Some(err) = ready!(self.fill_or_fail(cx, CLOSED_IN_CHUNKS)) {
                         return Poll::Ready(Some(Err(err)));
                     }
                 }
@@ -714,7 +706,7 @@ impl RawBody {
                             return Poll::Ready(Some(Err(self.fail("trailers too large"))));
                         }
                         Ok(httparse::Status::Partial) => {
-                            if let Some(err) = ready!(self.fill_or_fail(cx)) {
+                            if let Some(err) = ready!(self.fill_or_fail(cx, CLOSED_IN_CHUNKS)) {
                                 return Poll::Ready(Some(Err(err)));
                             }
                         }
@@ -725,14 +717,14 @@ impl RawBody {
         }
     }
 
-    /// Reads more for a parser that needs it: `Pending` while waiting, `Some(error)` when
-    /// the connection ended or failed (the body is then over).
-    fn fill_or_fail(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Error>> {
+    /// Reads more for a reader that needs it: `Pending` while waiting, `Some(error)` when
+    /// the connection failed or ended (`closed` says where; the body is then over).
+    fn fill_or_fail(&mut self, cx: &mut Context<'_>, closed: &str) -> Poll<Option<io::Error>> {
         let Some(conn) = self.checkout.conn.as_mut() else {
             return Poll::Ready(Some(io::ErrorKind::NotConnected.into()));
         };
         Poll::Ready(match ready!(conn.poll_fill(cx)) {
-            Ok(0) => Some(self.fail("upstream closed inside a chunked body")),
+            Ok(0) => Some(self.fail(closed)),
             Ok(_) => None,
             Err(e) => Some(self.fail(e.to_string())),
         })

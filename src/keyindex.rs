@@ -297,8 +297,12 @@ impl LiveKey {
         start..self.ends[i] as usize
     }
 
+    fn bytes(&self, i: usize) -> &[u8] {
+        &self.text[self.range(i)]
+    }
+
     fn field(&self, i: usize) -> &str {
-        std::str::from_utf8(&self.text[self.range(i)]).unwrap_or("")
+        std::str::from_utf8(self.bytes(i)).unwrap_or("")
     }
 
     fn header(&self, i: usize) -> HeaderValue {
@@ -316,7 +320,7 @@ impl LiveKey {
 
     /// The id's bytes (borrowed; no reference count touched).
     pub fn id_bytes(&self) -> &[u8] {
-        &self.text[self.range(ID)]
+        self.bytes(ID)
     }
 
     /// The slot caching this key's per-request state.
@@ -336,17 +340,17 @@ impl LiveKey {
 
     /// The name's, owner's and scopes' bytes as sent in the identity headers (borrowed).
     pub fn name_bytes(&self) -> &[u8] {
-        &self.text[self.range(NAME)]
+        self.bytes(NAME)
     }
 
     /// See [`LiveKey::name_bytes`].
     pub fn owner_bytes(&self) -> &[u8] {
-        &self.text[self.range(OWNER)]
+        self.bytes(OWNER)
     }
 
     /// See [`LiveKey::name_bytes`].
     pub fn scopes_bytes(&self) -> &[u8] {
-        &self.text[self.range(SCOPES)]
+        self.bytes(SCOPES)
     }
 
     /// `X-Keygate-Key-Id`.

@@ -35,21 +35,20 @@ impl KeyStates {
     /// The state of `key`: from the key's own slot, else from (or new in) the registry, then
     /// cached in the slot. Every version of a key gets the same state.
     pub fn of<'k>(&self, key: &'k LiveKey) -> &'k KeyState {
-        key.state_slot().get_or_init(|| {
-            Box::new(
-                self.map
-                    .entry(key.id())
-                    .or_insert_with(|| Arc::new(KeyState::default()))
-                    .clone(),
-            )
-        })
+        key.state_slot()
+            .get_or_init(|| Box::new(self.registered(key.id())))
     }
 
     /// The state of the key with id `id`, made when it has none (for callers without the
     /// live key: tools and tests).
     pub fn of_id(&self, id: &str) -> Arc<KeyState> {
+        self.registered(KeyId::from(id))
+    }
+
+    /// The registry's state for `id`, made when it has none.
+    fn registered(&self, id: KeyId) -> Arc<KeyState> {
         self.map
-            .entry(KeyId::from(id))
+            .entry(id)
             .or_insert_with(|| Arc::new(KeyState::default()))
             .clone()
     }

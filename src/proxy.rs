@@ -25,6 +25,7 @@ use crate::clock::CoarseStopwatch;
 use crate::config::{AuthConfig, Deployment};
 use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
+use crate::h1upstream::write_header_line;
 use crate::keyindex::LiveKey;
 
 /// The pooled client used for one deployment.
@@ -373,14 +374,6 @@ pub fn set_forwarded_headers(
     trusted: &[IpNet],
 ) {
     Forwarded::new(headers, conn, host, trusted).apply(headers);
-}
-
-/// Appends `name: value\r\n`.
-fn write_header_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// What keygate adds to a request on its way upstream: the forwarded and identity headers.
