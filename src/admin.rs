@@ -9,12 +9,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::audit::Actor;
-use crate::body::{self, Body};
+use crate::body::{self, Body, RequestBody};
 use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
@@ -43,7 +42,7 @@ fn ok(status: StatusCode, v: &Value) -> Answer {
     Ok(body::json(status, v))
 }
 
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+fn query_param(req: &Request<RequestBody>, name: &str) -> Option<String> {
     req.uri()
         .query()
         .and_then(|q| crate::auth::query_value(q, name))
@@ -79,7 +78,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 async fn read_json<T: DeserializeOwned>(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     empty_ok: bool,
 ) -> Result<Option<T>, GatewayError> {
     if req
@@ -146,7 +145,7 @@ fn manage_err(e: ManageError) -> GatewayError {
 
 impl AdminApi {
     /// Authenticates an admin request; records failed attempts in the audit trail.
-    fn authenticate(&self, req: &Request<Incoming>, ip: IpAddr) -> Result<Actor, GatewayError> {
+    fn authenticate(&self, req: &Request<RequestBody>, ip: IpAddr) -> Result<Actor, GatewayError> {
         let rt = self.gateway.runtime.load();
         // The admin API never takes keys from the query string (URLs end up in logs), and it
         // shares the data plane's per-IP lockout, where every failed admin login counts; a
@@ -187,7 +186,7 @@ impl AdminApi {
         }
     }
 
-    async fn route(&self, req: Request<Incoming>, conn: ConnInfo) -> Answer {
+    async fn route(&self, req: Request<RequestBody>, conn: ConnInfo) -> Answer {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let method = req.method().clone();
@@ -382,7 +381,7 @@ async fn blocking<T: Send + 'static>(
 impl Handler for AdminApi {
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         _direct: &Arc<DirectUpstream>,
     ) -> Response<Body> {

@@ -11,6 +11,50 @@ use crate::h1upstream::RawBody;
 /// client, or read by `h1upstream` itself).
 pub type Body = Either<Full<Bytes>, Either<Incoming, RawBody>>;
 
+/// A request body: hyper's, or none at all (a body-less request read by keygate's own
+/// HTTP/1.1 server path, `h1server`).
+pub enum RequestBody {
+    /// Read by hyper.
+    Incoming(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(incoming: Incoming) -> Self {
+        RequestBody::Incoming(incoming)
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Incoming(inner) => std::pin::Pin::new(inner).poll_frame(cx),
+            RequestBody::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Incoming(inner) => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RequestBody::Incoming(inner) => inner.size_hint(),
+            RequestBody::Empty => http_body::SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Left(Full::new(bytes.into()))

@@ -3,13 +3,12 @@
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, RequestBody};
 
 /// Answers a request forwarded to the echo upstream.
-pub async fn respond(req: Request<Incoming>) -> Response<Body> {
+pub async fn respond(req: Request<RequestBody>) -> Response<Body> {
     let (parts, mut incoming) = req.into_parts();
     let mut body_bytes: u64 = 0;
     while let Some(frame) = incoming.frame().await {

@@ -11,10 +11,9 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::auth::{authorize, extract_credential, Verifier};
-use crate::body::{self, Body};
+use crate::body::{self, Body, RequestBody};
 use crate::clock::unix_now;
 use crate::config::{AuthConfig, Config, Upstream};
 use crate::direct::DirectUpstream;
@@ -272,7 +271,7 @@ impl Gateway {
     /// the client connection's own upstream connection.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
     ) -> Response<Body> {
@@ -416,7 +415,7 @@ impl Gateway {
     async fn process(
         &self,
         rt: &Runtime,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &ConnInfo,
         direct: &Arc<DirectUpstream>,
         ip: IpAddr,
@@ -517,7 +516,7 @@ impl Gateway {
     async fn forward(
         &self,
         rt: &Runtime,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: &ConnInfo,
         direct: &Arc<DirectUpstream>,
         m: &RouteMatch<'_>,
@@ -595,7 +594,7 @@ impl Gateway {
     fn forward_auth(
         &self,
         rt: &Runtime,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         own_path: &str,
         ip: IpAddr,
         out: &mut Outcome,

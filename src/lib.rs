@@ -16,6 +16,7 @@ pub mod direct;
 pub mod echo;
 pub mod error;
 pub mod gateway;
+pub mod h1server;
 pub mod h1upstream;
 pub mod keyindex;
 pub mod keys;

@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, RequestBody};
 use crate::clock::CoarseStopwatch;
 use crate::config::{AuthConfig, Deployment};
 use crate::direct::DirectUpstream;
@@ -60,7 +60,7 @@ impl Progress {
 /// A client's request body streamed to the upstream, noting each frame, so the deployment
 /// timeout measures the upstream's silence rather than how long the upload takes.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: RequestBody,
     progress: Arc<Progress>,
 }
 
@@ -675,7 +675,7 @@ pub async fn forward(
     client: &UpstreamClient,
     direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     additions: Additions<'_>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {

@@ -26,6 +26,11 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// `inner` with `prefix` read ahead of it.
+    pub fn with_prefix(inner: S, prefix: Bytes) -> Self {
+        Prefixed { prefix, inner }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -23,11 +22,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::AdminApi;
 use crate::audit::Actor;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::clock::CoarseStopwatch;
 use crate::config::Config;
 use crate::direct::DirectUpstream;
 use crate::gateway::Gateway;
+use crate::h1server;
 use crate::keyindex::KeyIndex;
 use crate::keys::SecretHasher;
 use crate::manage::{KeyManager, KeySpec};
@@ -56,18 +56,23 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers one request; `direct` is the client connection's own upstream connection.
     fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Response<Body>> + Send;
     /// Timeouts for a new connection.
     fn conn_settings(&self) -> ConnSettings;
+    /// True when HTTP/1.1 connections start on keygate's own server path (`h1server`)
+    /// rather than hyper's.
+    fn own_http1(&self) -> bool {
+        false
+    }
 }
 
 impl Handler for Gateway {
     fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Response<Body>> + Send {
@@ -82,6 +87,10 @@ impl Handler for Gateway {
             idle_timeout: server.idle_timeout,
             proxy_protocol: server.proxy_protocol,
         }
+    }
+
+    fn own_http1(&self) -> bool {
+        true
     }
 }
 
@@ -226,13 +235,54 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one connection until it closes, the idle timeout fires, or shutdown drains it.
+/// Serves one connection until it closes, the idle timeout fires, or shutdown drains it:
+/// on keygate's own HTTP/1.1 path while its requests fit it (`http1_first`, for a handler
+/// that has one), then on hyper's.
 async fn serve_connection<H, S>(
     stream: S,
     conn: ConnInfo,
     handler: Arc<H>,
     settings: ConnSettings,
+    shutdown: watch::Receiver<bool>,
+    http1_first: bool,
+) where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let direct = Arc::new(DirectUpstream::default());
+    let stream = if http1_first && handler.own_http1() {
+        let served = h1server::serve(stream, conn, &*handler, settings, shutdown.clone(), &direct);
+        tokio::pin!(served);
+        // The direct upstream connection hyper's client may hold is polled right here, as
+        // in `serve_with_hyper`.
+        let ended = std::future::poll_fn(|cx| {
+            direct.poll_drive(cx);
+            let polled = served.as_mut().poll(cx);
+            if polled.is_pending() {
+                direct.poll_drive(cx);
+            }
+            polled
+        })
+        .await;
+        match ended {
+            h1server::Ended::Closed => return,
+            h1server::Ended::HandOff(stream) => stream,
+        }
+    } else {
+        Prefixed::new(stream)
+    };
+    serve_with_hyper(stream, conn, handler, settings, shutdown, direct).await;
+}
+
+/// Serves a connection with hyper (HTTP/1.1 and h2c, upgrades) until it closes, the idle
+/// timeout fires, or shutdown drains it.
+async fn serve_with_hyper<H, S>(
+    stream: S,
+    conn: ConnInfo,
+    handler: Arc<H>,
+    settings: ConnSettings,
     mut shutdown: watch::Receiver<bool>,
+    direct: Arc<DirectUpstream>,
 ) where
     H: Handler,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -243,7 +293,6 @@ async fn serve_connection<H, S>(
         activity: activity.clone(),
     });
     let svc_activity = activity.clone();
-    let direct = Arc::new(DirectUpstream::default());
     let svc_direct = direct.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
@@ -251,7 +300,9 @@ async fn serve_connection<H, S>(
         svc_activity.on_request();
         let guard = InFlight(svc_activity.clone());
         async move {
-            let resp = handler.handle(req, conn, &direct).await;
+            let resp = handler
+                .handle(req.map(RequestBody::from), conn, &direct)
+                .await;
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
@@ -387,12 +438,14 @@ async fn accept_connection<H: Handler>(
         tls: tls.is_some(),
     };
     match tls {
-        None => serve_connection(stream, conn, handler, settings, shutdown).await,
+        None => serve_connection(stream, conn, handler, settings, shutdown, true).await,
         Some(acceptor) => {
             match tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await
             {
                 Ok(Ok(tls_stream)) => {
-                    serve_connection(tls_stream, conn, handler, settings, shutdown).await
+                    // A client that chose HTTP/2 by ALPN goes straight to hyper.
+                    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(tls_stream, conn, handler, settings, shutdown, !h2).await
                 }
                 Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
