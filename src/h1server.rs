@@ -667,7 +667,7 @@ async fn next_frame(
 ) -> Option<Option<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>> {
     poll_fn(|cx| {
         if let Poll::Ready(next) = Pin::new(&mut *body).poll_frame(cx) {
-            return Poll::Ready(Some(next.map(|r| r.map_err(Into::into))));
+            return Poll::Ready(Some(next));
         }
         let deadline = guard.idle_deadline();
         if guard.poll_expired(cx, deadline).is_ready() {
