@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::answer;
 use crate::audit::Actor;
 use crate::body::{self, Body, RequestBody};
 use crate::direct::DirectUpstream;
@@ -384,7 +385,7 @@ impl Handler for AdminApi {
         req: Request<RequestBody>,
         conn: ConnInfo,
         _direct: &Arc<DirectUpstream>,
-    ) -> Response<Body> {
+    ) -> answer::Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let resp = self
@@ -392,7 +393,7 @@ impl Handler for AdminApi {
             .await
             .unwrap_or_else(|e| e.to_response());
         tracing::info!(target: "keygate::admin", client_ip = %conn.peer.ip(), method = %method, path, status = resp.status().as_u16(), "admin request");
-        resp
+        resp.into()
     }
 
     fn conn_settings(&self) -> ConnSettings {

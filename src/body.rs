@@ -5,7 +5,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::h1upstream::RawBody;
+use crate::h1upstream::{RawBody, RawHead};
 
 /// A response body: a canned/generated buffer, or a streamed upstream body (from hyper's
 /// client, or read by `h1upstream` itself).
@@ -73,6 +73,22 @@ pub fn stream(incoming: Incoming) -> Body {
 /// A body read off a direct upstream connection by `h1upstream`.
 pub fn raw(body: RawBody) -> Body {
     Either::Right(Either::Right(body))
+}
+
+/// The unparsed response fields a body read by `h1upstream` carries.
+pub fn raw_head(body: &Body) -> Option<&RawHead> {
+    match body {
+        Either::Right(Either::Right(raw)) => raw.head(),
+        _ => None,
+    }
+}
+
+/// Takes the unparsed response fields out of a body read by `h1upstream`.
+pub fn take_raw_head(body: &mut Body) -> Option<RawHead> {
+    match body {
+        Either::Right(Either::Right(raw)) => raw.take_head(),
+        _ => None,
+    }
 }
 
 /// A JSON response.

@@ -109,7 +109,9 @@ struct Slot {
     waker: Option<Waker>,
     /// Idle connections `h1upstream` speaks on (body-less requests), one per upstream this
     /// client connection's requests went to, at most [`MAX_RAW_IDLE`], oldest first.
-    raw: Vec<RawConn>,
+    // Boxed: a connection moves between here and each request that borrows it.
+    #[allow(clippy::vec_box)]
+    raw: Vec<Box<RawConn>>,
     /// True while a request has it (or is opening one).
     raw_out: bool,
 }
@@ -122,7 +124,7 @@ pub const MAX_RAW_IDLE: usize = 4;
 /// What [`DirectUpstream::take_raw`] found.
 pub enum RawTake {
     /// The idle connection, lent to the caller.
-    Idle(RawConn),
+    Idle(Box<RawConn>),
     /// None yet: the caller may open one (and hands it back the same way).
     Absent,
     /// Another request of this client connection uses it.
@@ -181,7 +183,7 @@ impl DirectUpstream {
 
     /// Ends a [`DirectUpstream::take_raw`] loan: `conn` is kept for the next request (`None`:
     /// it closed, or cannot carry another request).
-    pub fn return_raw(&self, conn: Option<RawConn>) {
+    pub fn return_raw(&self, conn: Option<Box<RawConn>>) {
         let mut slot = self.lock();
         slot.raw_out = false;
         if let Some(conn) = conn {

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
+use crate::answer::Answer;
 use crate::auth::{authorize, extract_credential, Verifier};
 use crate::body::{self, Body, RequestBody};
 use crate::clock::unix_now;
@@ -25,10 +26,6 @@ use crate::proxy::{self, ConnInfo, UpstreamClient, UpstreamTarget};
 use crate::ratelimit::{Decision, FailedAuth, KeyLimits};
 use crate::router::{self, RouteMatch};
 use crate::usage::{Hit, Operation, Usage};
-
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 /// What is built from one deployment's config.
 struct DeploymentRuntime {
@@ -166,55 +163,6 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Adds `RateLimit-*` headers for an allowed or denied decision.
-fn set_rate_headers(headers: &mut HeaderMap, d: Decision) {
-    let (limit, remaining, reset) = match d {
-        Decision::Unlimited => return,
-        Decision::Allowed {
-            limit,
-            remaining,
-            reset,
-            ..
-        } => (limit, remaining, reset),
-        Decision::Denied { limit, reset, .. } => (limit, 0, reset),
-    };
-    headers.reserve(3);
-    headers.insert(&RATELIMIT_LIMIT, count_header(u64::from(limit)));
-    headers.insert(&RATELIMIT_REMAINING, count_header(u64::from(remaining)));
-    headers.insert(&RATELIMIT_RESET, count_header(reset));
-}
-
-/// `n` as a header value. Values below 4096 (most limits, remainders and resets) come from a
-/// table made once, so they are neither formatted nor allocated per response.
-fn count_header(n: u64) -> HeaderValue {
-    const CACHED: usize = 4096;
-    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        // One buffer with every number, kept for the life of the process: static header
-        // values are cloned without reference counting.
-        let mut text = String::new();
-        let mut ends = Vec::with_capacity(CACHED);
-        for i in 0..CACHED {
-            text.push_str(&i.to_string());
-            ends.push(text.len());
-        }
-        let text: &'static str = Box::leak(text.into_boxed_str());
-        let mut start = 0;
-        ends.iter()
-            .map(|&end| {
-                let v = HeaderValue::from_static(&text[start..end]);
-                start = end;
-                v
-            })
-            .collect()
-    });
-    usize::try_from(n)
-        .ok()
-        .and_then(|i| table.get(i))
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from(n))
-}
-
 fn counts_as_failed_auth(e: &GatewayError) -> bool {
     matches!(
         e,
@@ -274,7 +222,7 @@ impl Gateway {
         req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
-    ) -> Response<Body> {
+    ) -> Answer {
         let rt = self.runtime.load_full();
         // The access line needs these after the request is gone; copy them only when it is
         // written.
@@ -287,20 +235,21 @@ impl Gateway {
         );
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let mut out = Outcome::default();
-        let mut resp = match self.process(&rt, req, &conn, direct, ip, &mut out).await {
+        let resp = match self.process(&rt, req, &conn, direct, ip, &mut out).await {
             Ok(r) => r,
             Err(e) => {
                 out.fail(&e);
                 e.to_response()
             }
         };
-        if let Some(d) = out.rate {
-            set_rate_headers(resp.headers_mut(), d);
-        }
         let status = resp.status().as_u16();
         self.account(&rt, &out, status, ip, user_agent.as_ref());
+        let answer = Answer {
+            response: resp,
+            rate: out.rate,
+        };
         let Some((method, uri, start)) = logged else {
-            return resp;
+            return answer;
         };
         let dep = out.deployment.and_then(|i| rt.deployments.get(i));
         tracing::info!(
@@ -316,7 +265,7 @@ impl Gateway {
             latency_us = start.elapsed().as_micros() as u64,
             "request"
         );
-        resp
+        answer
     }
 
     /// Credential → live key under the per-IP failed-auth lockout, shared by the data plane
@@ -533,8 +482,6 @@ impl Gateway {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let headers = &mut parts.headers;
-        // Room for the forwarded and identity headers at once, not one growth at a time.
-        headers.reserve(10);
         proxy::strip_keygate_headers(headers);
         proxy::strip_credential(headers, &cfg.auth);
         proxy::strip_hop_by_hop(headers, upgrade);
@@ -630,15 +577,5 @@ impl Gateway {
         *resp.status_mut() = StatusCode::OK;
         proxy::set_identity_headers(resp.headers_mut(), key, m.deployment);
         Ok(resp)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn count_headers_match_their_numbers() {
-        for n in [0u64, 1, 9, 10, 4095, 4096, 100_000_000, u64::MAX] {
-            assert_eq!(super::count_header(n), n.to_string().as_str(), "{n}");
-        }
     }
 }

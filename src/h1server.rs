@@ -20,20 +20,20 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{
-    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::answer::{write_rate_lines, Answer};
 use crate::body::{Body, RequestBody};
 use crate::clock::{unix_now, CoarseStopwatch};
 use crate::direct::DirectUpstream;
-use crate::h1upstream::write_header_line;
+use crate::h1upstream::{write_header_line, RawHead};
 use crate::proxy::ConnInfo;
 use crate::proxyproto::Prefixed;
+use crate::ratelimit::Decision;
 use crate::server::{ConnSettings, Handler};
 
 /// Most header lines a request head may carry here (hyper's server default).
@@ -110,10 +110,11 @@ where
             return Ended::HandOff(Prefixed::with_prefix(io, all.freeze()));
         };
         let is_head = req.method() == Method::HEAD;
-        let resp = handler.handle(req, conn, direct).await;
+        let answer = handler.handle(req, conn, direct).await;
         drop(head);
         let close_after = shape.close || guard.stopping();
-        let whole = write_response(&mut io, &mut out, &mut guard, resp, is_head, close_after).await;
+        let whole =
+            write_response(&mut io, &mut out, &mut guard, answer, is_head, close_after).await;
         match whole {
             Ok(true) if !close_after => guard.touch(),
             Ok(_) => return close(io, &settings).await,
@@ -447,23 +448,48 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     found
 }
 
+/// What goes into a response head besides the status and the header map.
+struct HeadExtras<'a> {
+    /// An upstream's unparsed fields.
+    raw: Option<&'a RawHead>,
+    /// The `RateLimit-*` fields.
+    rate: Option<Decision>,
+    /// The body's length, when known.
+    exact: Option<u64>,
+    /// The answer to a HEAD request.
+    is_head: bool,
+    /// The connection closes after this response.
+    close: bool,
+}
+
 /// Appends the response head; returns how the body is framed.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
-    exact: Option<u64>,
-    is_head: bool,
-    close: bool,
+    extras: HeadExtras<'_>,
 ) -> Framing {
+    let HeadExtras {
+        raw,
+        rate,
+        exact,
+        is_head,
+        close,
+    } = extras;
     let status = parts.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut length = None;
+    let mut length = raw.and_then(|r| r.length);
     let mut bad_length = false;
-    let mut dated = false;
+    let mut dated = raw.is_some_and(|r| r.dated);
+    if let Some(raw) = raw {
+        out.extend_from_slice(raw.lines());
+    }
+    if let Some(d) = rate {
+        write_rate_lines(out, d);
+    }
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH {
             match parse_length(value.as_bytes()) {
@@ -507,21 +533,8 @@ fn encode_head(
 
 fn write_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa_u64(n, &mut [0; 20]));
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal, written into `buf`.
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// Appends a chunk-size line for `n` bytes.
@@ -566,13 +579,20 @@ async fn write_response<S: AsyncWrite + Unpin>(
     io: &mut S,
     out: &mut Vec<u8>,
     guard: &mut Guard,
-    resp: Response<Body>,
+    answer: Answer,
     is_head: bool,
     close: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, mut body) = answer.response.into_parts();
     out.clear();
-    let framing = encode_head(out, &parts, body.size_hint().exact(), is_head, close);
+    let extras = HeadExtras {
+        raw: crate::body::raw_head(&body),
+        rate: answer.rate,
+        exact: body.size_hint().exact(),
+        is_head,
+        close,
+    };
+    let framing = encode_head(out, &parts, extras);
     drop(parts);
     if framing == Framing::None || (body.is_end_stream() && framing != Framing::Chunked) {
         write_all(io, out, guard).await?;
@@ -681,6 +701,7 @@ async fn next_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Response;
 
     fn scanned(text: &str) -> Scan {
         scan(text.as_bytes(), &mut Vec::new())
@@ -735,7 +756,14 @@ mod tests {
     fn head_of(resp: Response<Body>, is_head: bool, close: bool) -> (String, Framing) {
         let mut out = Vec::new();
         let (parts, body) = resp.into_parts();
-        let framing = encode_head(&mut out, &parts, body.size_hint().exact(), is_head, close);
+        let extras = HeadExtras {
+            raw: None,
+            rate: None,
+            exact: body.size_hint().exact(),
+            is_head,
+            close,
+        };
+        let framing = encode_head(&mut out, &parts, extras);
         (String::from_utf8(out).unwrap(), framing)
     }
 
@@ -772,10 +800,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_written_in_decimal_and_hex() {
-        for n in [0u64, 7, 10, 99_999, u64::MAX] {
-            assert_eq!(itoa_u64(n, &mut [0; 20]), n.to_string().as_bytes());
-        }
+    fn chunk_sizes_are_hex_and_lengths_decimal() {
         for n in [0usize, 9, 10, 255, 4096, 1 << 40] {
             let mut out = Vec::new();
             write_chunk_size(&mut out, n);

@@ -31,8 +31,6 @@ use crate::proxy::UpstreamTarget;
 
 /// Most header lines a response head may carry (hyper's client default).
 const MAX_HEADERS: usize = 100;
-/// Header slots a parsed response map gets beyond its own fields (see `parse_head`).
-const HEADER_HEADROOM: usize = 16;
 /// Largest response head, and largest buffered read (hyper's client default).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// First read size of a connection; doubled while reads fill it, up to [`MAX_READ`].
@@ -199,7 +197,9 @@ impl HeadEdits for () {
 
 /// Appends the header line `name: value\r\n`.
 pub fn write_header_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
+    let name = name.as_str().as_bytes();
+    out.reserve(name.len() + value.len() + 4);
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -238,9 +238,12 @@ impl RequestHead<'_> {
 struct Head {
     status: StatusCode,
     version: Version,
-    /// The fields to pass on: all but the hop-by-hop ones read below, which never go to the
-    /// client and would only be removed again.
-    headers: HeaderMap,
+    /// The fields to pass on, unparsed.
+    raw: RawHead,
+    /// The `Content-Length` (`Err`: not a number, or differing values).
+    length: Result<Option<u64>, &'static str>,
+    /// `Content-Length` was sent beside `Transfer-Encoding` (and dropped).
+    length_beside_chunked: bool,
     /// `Connection: close` was sent.
     close: bool,
     /// `Connection: keep-alive` was sent.
@@ -249,8 +252,79 @@ struct Head {
     chunked: Option<bool>,
 }
 
-/// Parses a response head off the front of `buf` (`None`: incomplete). The head's bytes are
-/// copied once and the header values are slices of that copy.
+/// A response head's fields as they go on to the client: the upstream's header lines (the
+/// names as sent), without the hop-by-hop ones (RFC 9110 §7.6.1: `Connection` and what it
+/// names, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`…) and without a `Content-Length`
+/// that `Transfer-Encoding` overrides. keygate's own server path writes them out as they
+/// are; hyper's puts them in a header map first ([`RawHead::append_to`]).
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    /// `name: value\r\n` lines.
+    lines: Bytes,
+    /// The `Content-Length` among them.
+    pub length: Option<u64>,
+    /// A `Date` is among them.
+    pub dated: bool,
+}
+
+impl RawHead {
+    /// The header lines, each ending in CRLF.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Adds the fields to a header map (values are slices of the lines).
+    pub fn append_to(self, headers: &mut HeaderMap) {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut terminated = BytesMut::with_capacity(self.lines.len() + 2);
+        terminated.extend_from_slice(&self.lines);
+        terminated.extend_from_slice(b"\r\n");
+        let text = terminated.freeze();
+        let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(&text, &mut raw)
+        else {
+            // Written by `parse_head` from fields httparse accepted: cannot happen.
+            return;
+        };
+        let base = text.as_ptr() as usize;
+        headers.reserve(fields.len());
+        for f in fields.iter() {
+            let start = (f.value.as_ptr() as usize).wrapping_sub(base);
+            let value = if f.value.is_empty() || start > text.len() {
+                HeaderValue::from_static("")
+            } else {
+                // SAFETY (of the bytes): httparse accepted them as a field value, which is
+                // what `HeaderValue` allows.
+                unsafe {
+                    HeaderValue::from_maybe_shared_unchecked(
+                        text.slice(start..start + f.value.len()),
+                    )
+                }
+            };
+            if let Ok(name) = HeaderName::from_bytes(f.name.as_bytes()) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+/// True for a hop-by-hop field name (RFC 9110 §7.6.1), in any case.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ];
+    // Most names are ruled out by their length alone.
+    matches!(name.len(), 2 | 7 | 10 | 16..=19) && NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Parses a response head off the front of `buf` (`None`: incomplete).
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
     let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -273,59 +347,82 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
-    let head = Bytes::copy_from_slice(&buf[..len]);
-    // Room beyond the upstream's fields: the `RateLimit-*` headers go in next, and hyper
-    // reuses this map for the connection's next request, which then takes the forwarded
-    // and identity headers without growing.
-    let mut headers = HeaderMap::with_capacity(resp.headers.len() + HEADER_HEADROOM);
+    // First the fields that say how this hop works: they decide what else is passed on.
     let (mut close, mut keep_alive, mut chunked) = (false, false, None);
+    let mut named: Vec<&[u8]> = Vec::new();
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Failure::Broken("bad header name".into()))?;
-        if name == header::CONNECTION {
-            // Kept only when it names other fields (for `proxy::strip_hop_by_hop` to drop).
-            let mut names_fields = false;
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
                 } else if !token.is_empty() {
-                    names_fields = true;
+                    named.push(token);
                 }
             }
-            if !names_fields {
-                continue;
-            }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            continue;
-        } else if name.as_str() == "keep-alive" {
+        }
+    }
+    let mut lines = Vec::with_capacity(len);
+    let mut length = Ok(None);
+    let mut length_beside_chunked = false;
+    let mut dated = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             continue;
         }
-        // Where the value sits in the head (an empty value may point anywhere: copied).
-        let span = (h.value.as_ptr() as usize)
-            .checked_sub(base)
-            .map(|start| start..start + h.value.len())
-            .filter(|r| r.end <= len);
-        let value = match span {
-            Some(r) => HeaderValue::from_maybe_shared(head.slice(r)),
-            None => HeaderValue::from_bytes(h.value),
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if chunked.is_some() {
+                // The final coding decides; a length beside it is not passed on.
+                length_beside_chunked = true;
+                continue;
+            }
+            length = length.and_then(|found| merge_length(found, h.value));
+        } else if name.eq_ignore_ascii_case(b"date") {
+            dated = true;
         }
-        .map_err(|_| Failure::Broken("bad header value".into()))?;
-        headers.append(name, value);
+        lines.extend_from_slice(name);
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(h.value);
+        lines.extend_from_slice(b"\r\n");
     }
     buf.advance(len);
     Ok(Some(Head {
         status,
         version,
-        headers,
+        raw: RawHead {
+            lines: Bytes::from(lines),
+            length: length.ok().flatten(),
+            dated,
+        },
+        length,
+        length_beside_chunked,
         close,
         keep_alive,
         chunked,
     }))
+}
+
+/// `found` with one more `Content-Length` field (`"5, 5"` lists are allowed: RFC 9110
+/// §8.6); differing or non-numeric values are an error.
+fn merge_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, &'static str> {
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        let n = std::str::from_utf8(part)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("bad content-length")?;
+        if found.is_some_and(|f| f != n) {
+            return Err("conflicting content-length values");
+        }
+        found = Some(n);
+    }
+    Ok(found)
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -339,7 +436,6 @@ enum Framing {
 
 impl Head {
     /// The body's framing, and whether the connection can carry another request after it.
-    /// Removes a `Content-Length` that `Transfer-Encoding` overrides.
     fn framing(&mut self, method: &Method) -> Result<(Framing, bool), Failure> {
         if self.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Failure::Broken(
@@ -353,8 +449,8 @@ impl Head {
         {
             Framing::Empty
         } else if let Some(chunked) = self.chunked {
-            // The final coding decides; a length beside it is not to be trusted or passed on.
-            if self.headers.remove(header::CONTENT_LENGTH).is_some() {
+            // The final coding decides; a length beside it is not to be trusted.
+            if self.length_beside_chunked {
                 keep_alive = false;
             }
             if chunked {
@@ -363,7 +459,7 @@ impl Head {
                 Framing::UntilClose
             }
         } else {
-            match content_length(&self.headers)? {
+            match self.length.map_err(|e| Failure::Broken(e.into()))? {
                 Some(0) => Framing::Empty,
                 Some(n) => Framing::Length(n),
                 None => Framing::UntilClose,
@@ -374,26 +470,6 @@ impl Head {
         }
         Ok((framing, keep_alive))
     }
-}
-
-/// The `Content-Length`, when there is one; differing or non-numeric values are an error.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Failure> {
-    let mut found = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| Failure::Broken("bad content-length".into()))?;
-            if found.is_some_and(|f| f != n) {
-                return Err(Failure::Broken("conflicting content-length values".into()));
-            }
-            found = Some(n);
-        }
-    }
-    Ok(found)
 }
 
 /// Methods a request may be repeated with (RFC 9110 §9.2.2).
@@ -407,7 +483,7 @@ fn idempotent(method: &Method) -> bool {
 /// A direct connection lent to one exchange; gives it back (or lets it close) when dropped.
 struct Checkout {
     home: Arc<DirectUpstream>,
-    conn: Option<RawConn>,
+    conn: Option<Box<RawConn>>,
     /// The connection may carry another request: set only once a body has ended as framed
     /// (a body dropped half-read leaves the rest of it on the wire).
     reusable: bool,
@@ -445,20 +521,20 @@ impl Drop for Checkout {
 }
 
 /// Opens a connection for this module, under the process-wide bound on direct connections.
-async fn connect(target: &UpstreamTarget) -> Result<Option<RawConn>, GatewayError> {
+async fn connect(target: &UpstreamTarget) -> Result<Option<Box<RawConn>>, GatewayError> {
     let Some(permit) = Permit::acquire() else {
         return Ok(None);
     };
     let authority = &target.authority;
     let stream = crate::direct::open(authority, target.connect_timeout).await?;
-    Ok(Some(RawConn {
+    Ok(Some(Box::new(RawConn {
         stream,
         target: authority.clone(),
         buf: BytesMut::new(),
         read_size: INITIAL_READ,
         head: Vec::with_capacity(512),
         _permit: permit,
-    }))
+    })))
 }
 
 /// Sends a body-less request (origin-form `uri`, no `Host` in `headers`) on the client
@@ -495,7 +571,7 @@ pub async fn exchange(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if !checkout.conn.as_mut().is_some_and(RawConn::still_open) {
+        if !checkout.conn.as_mut().is_some_and(|c| c.still_open()) {
             reused = false;
             checkout.conn = match connect(target).await? {
                 Some(conn) => Some(conn),
@@ -519,12 +595,12 @@ pub async fn exchange(
                         return Err(GatewayError::UpstreamUnavailable);
                     }
                 };
-                let body = RawBody::new(checkout, framing, keep_alive);
-                let mut resp = Response::new(body);
-                // The upstream's version decided this hop's keep-alive; the client's hop is
+                let body = RawBody::new(checkout, framing, keep_alive, head.raw);
+                // The header map stays empty: the fields travel unparsed with the body. The
+                // upstream's version decided this hop's keep-alive; the client's hop is
                 // framed by the server side (an HTTP/1.0 version here would close it).
+                let mut resp = Response::new(body);
                 *resp.status_mut() = head.status;
-                *resp.headers_mut() = head.headers;
                 return Ok(Some(resp));
             }
             Ok(Err(f)) => f,
@@ -566,8 +642,10 @@ enum State {
     Done,
 }
 
-/// A response body read straight off its upstream connection.
+/// A response body read straight off its upstream connection, with its response's fields.
 pub struct RawBody {
+    /// The response's fields, until a server path takes them.
+    head: Option<RawHead>,
     checkout: Checkout,
     state: State,
     /// The upstream allows another request on the connection after this body.
@@ -575,7 +653,7 @@ pub struct RawBody {
 }
 
 impl RawBody {
-    fn new(checkout: Checkout, framing: Framing, keep_alive: bool) -> Self {
+    fn new(checkout: Checkout, framing: Framing, keep_alive: bool, head: RawHead) -> Self {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
@@ -583,6 +661,7 @@ impl RawBody {
             Framing::UntilClose => State::UntilClose,
         };
         let mut body = RawBody {
+            head: Some(head),
             checkout,
             state,
             keep_alive,
@@ -592,6 +671,16 @@ impl RawBody {
             body.finish();
         }
         body
+    }
+
+    /// The response's fields (until taken).
+    pub fn head(&self) -> Option<&RawHead> {
+        self.head.as_ref()
+    }
+
+    /// Takes the response's fields.
+    pub fn take_head(&mut self) -> Option<RawHead> {
+        self.head.take()
     }
 
     /// The body ended as framed: the connection goes back for the next request (when the
@@ -846,21 +935,29 @@ mod tests {
             (h.keep_alive, h.close, h.chunked),
             (true, false, Some(true))
         );
-        assert_eq!(h.headers.len(), 1, "{:?}", h.headers);
-        // A Connection field naming other fields stays, for the hop-by-hop pass to use.
-        let h = head("HTTP/1.1 200 OK\r\nconnection: close, x-hop\r\nx-hop: 1\r\n\r\n");
-        assert!(h.close);
-        assert_eq!(h.headers.get("connection").unwrap(), "close, x-hop");
+        assert_eq!(h.raw.lines(), b"x-up: 1\r\n");
+        // Fields the Connection field names go too, and so do Upgrade and Trailer.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nx-hop: 1\r\nUpgrade: h2c\r\n\
+             Trailer: x-t\r\nX-Kept: 2\r\nDate: d\r\n\r\n",
+        );
+        assert!(h.close && h.raw.dated);
+        assert_eq!(h.raw.lines(), b"X-Kept: 2\r\nDate: d\r\n");
+        // A length beside Transfer-Encoding is not passed on.
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(h.raw.lines().is_empty() && h.raw.length.is_none());
     }
 
     #[test]
-    fn head_values_are_slices_and_partial_heads_wait() {
+    fn head_fields_reach_a_header_map_and_partial_heads_wait() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: 1\r\nx-a: 2\r\n"[..]);
         assert!(parse_head(&mut buf).unwrap().is_none());
         buf.extend_from_slice(b"\r\nbody");
         let h = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(h.status, StatusCode::OK);
-        let values: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        let mut map = HeaderMap::new();
+        h.raw.append_to(&mut map);
+        let values: Vec<_> = map.get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
         assert_eq!(&buf[..], b"body");
         let mut junk = BytesMut::from(&b"FOO\r\n\r\n"[..]);

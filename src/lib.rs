@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod alloc;
+pub mod answer;
 pub mod audit;
 pub mod auth;
 pub mod body;

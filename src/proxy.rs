@@ -387,6 +387,8 @@ pub struct Additions<'a> {
 impl Additions<'_> {
     /// Sets them in a header map (hyper's path, echo).
     pub fn apply(self, headers: &mut HeaderMap) {
+        // Room for them all at once, not one growth at a time.
+        headers.reserve(9);
         self.forwarded.apply(headers);
         set_identity_headers(headers, self.identity.key, self.identity.deployment);
     }
@@ -698,9 +700,8 @@ pub async fn forward(
         )
         .await?;
         if let Some(resp) = sent {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, false);
-            return Ok(Response::from_parts(parts, body::raw(body)));
+            // Its fields travel with the body, hop-by-hop ones already left out.
+            return Ok(resp.map(body::raw));
         }
     }
     additions.apply(req.headers_mut());

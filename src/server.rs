@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use http::{Request, Response};
+use http::Request;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminApi;
+use crate::answer::Answer;
 use crate::audit::Actor;
-use crate::body::{Body, RequestBody};
+use crate::body::RequestBody;
 use crate::clock::CoarseStopwatch;
 use crate::config::Config;
 use crate::direct::DirectUpstream;
@@ -59,7 +60,7 @@ pub trait Handler: Send + Sync + 'static {
         req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
-    ) -> impl Future<Output = Response<Body>> + Send;
+    ) -> impl Future<Output = Answer> + Send;
     /// Timeouts for a new connection.
     fn conn_settings(&self) -> ConnSettings;
     /// True when HTTP/1.1 connections start on keygate's own server path (`h1server`)
@@ -75,7 +76,7 @@ impl Handler for Gateway {
         req: Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
-    ) -> impl Future<Output = Response<Body>> + Send {
+    ) -> impl Future<Output = Answer> + Send {
         Gateway::handle(self, req, conn, direct)
     }
 
@@ -302,7 +303,8 @@ async fn serve_with_hyper<H, S>(
         async move {
             let resp = handler
                 .handle(req.map(RequestBody::from), conn, &direct)
-                .await;
+                .await
+                .into_response();
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
