@@ -62,6 +62,61 @@ impl CoarseStopwatch {
     }
 }
 
+/// One tokio timer serving a run of deadlines, most of which never fire: it is set once
+/// and moved only when it fires before the deadline now waited for (then on to that one) or
+/// a nearer deadline comes. A wait costs a comparison instead of registering and removing
+/// a timer of its own (which showed in the load profile).
+pub struct LazyTimer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Polled with the current waiter's waker, and not fired since.
+    armed: bool,
+}
+
+impl LazyTimer {
+    /// A timer first set for `deadline`.
+    pub fn new(deadline: tokio::time::Instant) -> Self {
+        LazyTimer {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            armed: false,
+        }
+    }
+
+    /// Forgets the waker it was polled with: call it before a new waiter (which may be
+    /// another task) uses the timer.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Ready once `deadline` has passed.
+    pub fn poll_expired(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        deadline: tokio::time::Instant,
+    ) -> std::task::Poll<()> {
+        use std::future::Future;
+        use std::task::Poll;
+        if deadline < self.sleep.deadline() {
+            self.sleep.as_mut().reset(deadline);
+            self.armed = false;
+        }
+        loop {
+            if self.armed && !self.sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            self.armed = true;
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            // Fired for an earlier deadline: on to this one.
+            self.sleep.as_mut().reset(deadline);
+            self.armed = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +132,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         let b = monotonic();
         assert!(b > a && b - a >= Duration::from_millis(15), "{a:?} {b:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_timer_fires_at_the_deadline_waited_for() {
+        use std::future::poll_fn;
+        use tokio::time::Instant;
+        let start = Instant::now();
+        let mut timer = LazyTimer::new(start + Duration::from_secs(1));
+        // A later deadline: the timer fires at 1 s, finds it early and moves on to 5 s.
+        poll_fn(|cx| timer.poll_expired(cx, start + Duration::from_secs(5))).await;
+        assert_eq!(Instant::now() - start, Duration::from_secs(5));
+        // A nearer deadline than the timer's: it is brought forward.
+        let mut timer = LazyTimer::new(start + Duration::from_secs(60));
+        let now = Instant::now();
+        poll_fn(|cx| timer.poll_expired(cx, now + Duration::from_secs(2))).await;
+        assert_eq!(Instant::now() - now, Duration::from_secs(2));
     }
 }

@@ -24,11 +24,11 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCo
 use http_body::{Body as _, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::answer::{write_rate_lines, Answer};
 use crate::body::{Body, RequestBody};
-use crate::clock::{unix_now, CoarseStopwatch};
+use crate::clock::{unix_now, CoarseStopwatch, LazyTimer};
 use crate::direct::DirectUpstream;
 use crate::h1upstream::{write_header_line, RawHead};
 use crate::proxy::ConnInfo;
@@ -116,7 +116,13 @@ where
         let whole =
             write_response(&mut io, &mut out, &mut guard, answer, is_head, close_after).await;
         match whole {
-            Ok(true) if !close_after => guard.touch(),
+            Ok(true) if !close_after => {
+                guard.touch();
+                // Bytes of the next request came with this one: its head has begun.
+                if !buf.is_empty() {
+                    head_since = Some(guard.last_io);
+                }
+            }
             Ok(_) => return close(io, &settings).await,
             Err(_) => return Ended::Closed,
         }
@@ -253,17 +259,14 @@ enum Interrupt {
     Failed,
 }
 
-/// The connection's one timer and its shutdown signal. The timer is set once and moved only
-/// when it fires early or a nearer deadline comes: a wait does not register a timer of
-/// its own (that showed in the profile).
+/// The connection's one timer (for every wait: head, idle, write, body) and its shutdown
+/// signal.
 struct Guard {
     clock: CoarseStopwatch,
     /// When bytes last moved (milliseconds on `clock`).
     last_io: u64,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
-    /// The timer has been polled with this task's waker and has not fired since.
-    armed: bool,
+    timer: LazyTimer,
     stop: Pin<Box<dyn Future<Output = ()> + Send>>,
     probe: watch::Receiver<bool>,
     stop_armed: bool,
@@ -279,10 +282,7 @@ impl Guard {
             clock,
             last_io: 0,
             idle: settings.idle_timeout,
-            timer: Box::pin(tokio::time::sleep_until(
-                clock.at(0, settings.header_read_timeout),
-            )),
-            armed: false,
+            timer: LazyTimer::new(clock.at(0, settings.header_read_timeout)),
             stop: Box::pin(async move {
                 let _ = shutdown.changed().await;
             }),
@@ -303,25 +303,7 @@ impl Guard {
 
     /// Ready once `deadline` has passed.
     fn poll_expired(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
-        if deadline < self.timer.deadline() {
-            self.timer.as_mut().reset(deadline);
-            self.armed = false;
-        }
-        loop {
-            if self.armed && !self.timer.is_elapsed() {
-                return Poll::Pending;
-            }
-            self.armed = true;
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
-            }
-            // Fired for an earlier wait's deadline: on to this one's.
-            self.timer.as_mut().reset(deadline);
-            self.armed = false;
-        }
+        self.timer.poll_expired(cx, deadline)
     }
 
     /// True once shutdown has begun; registers for the signal (once) while it has not.

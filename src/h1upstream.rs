@@ -9,6 +9,7 @@
 //! Everything else (request bodies, upgrades, `https://`, concurrent HTTP/2 streams) keeps
 //! going through hyper (`proxy::forward`).
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -25,6 +26,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::clock::LazyTimer;
 use crate::direct::{DirectUpstream, Permit, RawTake};
 use crate::error::GatewayError;
 use crate::proxy::UpstreamTarget;
@@ -52,6 +54,8 @@ pub struct RawConn {
     read_size: usize,
     /// The request head being written (kept for its capacity).
     head: Vec<u8>,
+    /// Bounds the wait for response heads (kept from request to request).
+    timer: Option<LazyTimer>,
     _permit: Permit,
 }
 
@@ -533,6 +537,7 @@ async fn connect(target: &UpstreamTarget) -> Result<Option<Box<RawConn>>, Gatewa
         buf: BytesMut::new(),
         read_size: INITIAL_READ,
         head: Vec::with_capacity(512),
+        timer: None,
         _permit: permit,
     })))
 }
@@ -581,7 +586,27 @@ pub async fn exchange(
         let Some(conn) = checkout.conn.as_mut() else {
             return Ok(None);
         };
-        let answer = tokio::time::timeout_at(deadline, conn.round_trip(&request)).await;
+        // The connection's own timer, re-used from request to request.
+        let mut timer = conn
+            .timer
+            .take()
+            .unwrap_or_else(|| LazyTimer::new(deadline));
+        timer.disarm();
+        let answer = {
+            let round_trip = conn.round_trip(&request);
+            tokio::pin!(round_trip);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = round_trip.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(r));
+                }
+                match timer.poll_expired(cx, deadline) {
+                    Poll::Ready(()) => Poll::Ready(Err(())),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        conn.timer = Some(timer);
         let failure = match answer {
             Err(_) => {
                 tracing::debug!(upstream = %target.authority, "no response head in time");
