@@ -481,13 +481,15 @@ impl Gateway {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let headers = &mut parts.headers;
-        proxy::strip_keygate_headers(headers);
-        proxy::strip_credential(headers, &cfg.auth);
-        proxy::strip_hop_by_hop(headers, upgrade);
-        let forwarded =
-            proxy::Forwarded::new(headers, conn, host.as_ref(), &cfg.server.trusted_proxies);
-        headers.remove(header::HOST);
+        let rewrite = proxy::Rewrite::new(
+            &mut parts.headers,
+            conn,
+            host.as_ref(),
+            &cfg.server.trusted_proxies,
+            &cfg.auth,
+            proxy::Identity { key, deployment: d },
+            upgrade,
+        );
 
         let path = if d.strip_prefix {
             router::strip_segment_prefix(parts.uri.path(), &d.path_prefix)
@@ -510,11 +512,7 @@ impl Gateway {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
                 let req = Request::from_parts(parts, incoming);
-                let additions = proxy::Additions {
-                    forwarded,
-                    identity: proxy::Identity { key, deployment: d },
-                };
-                proxy::forward(client, direct, target, req, additions, d.timeout).await
+                proxy::forward(client, direct, target, req, rewrite, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {
@@ -525,11 +523,7 @@ impl Gateway {
                 parts.uri = pq
                     .parse()
                     .map_err(|_| GatewayError::invalid("path", "bad path"))?;
-                proxy::Additions {
-                    forwarded,
-                    identity: proxy::Identity { key, deployment: d },
-                }
-                .apply(&mut parts.headers);
+                rewrite.apply(&mut parts.headers);
                 Ok(Box::pin(crate::echo::respond(Request::from_parts(parts, incoming))).await)
             }
         }

@@ -129,7 +129,13 @@ impl RawConn {
             .map_err(Failure::Unseen)?;
         let mut answered = false;
         loop {
-            if let Some(head) = parse_head(&mut self.buf)? {
+            // Nothing read yet (the usual first pass): nothing to parse.
+            let parsed = if self.buf.is_empty() {
+                None
+            } else {
+                parse_head(&mut self.buf)?
+            };
+            if let Some(head) = parsed {
                 answered = true;
                 if head.status.is_informational() {
                     // 100 Continue, 103 Early Hints…: the final answer follows. (101 is for
@@ -188,16 +194,16 @@ struct RequestHead<'a> {
 
 /// Changes to a request's headers applied while its head is written.
 pub trait HeadEdits: Send + Sync {
-    /// True for a header of the map not to write (it is replaced or removed).
-    fn skips(&self, name: &HeaderName) -> bool;
+    /// True for a field of the map not to write (it is replaced or removed).
+    fn skips(&self, name: &HeaderName, value: &HeaderValue) -> bool;
     /// Writes further header lines (`name: value\r\n`).
     fn write(&self, out: &mut Vec<u8>);
 }
 
 /// No changes.
 impl HeadEdits for () {
-    fn skips(&self, _: &HeaderName) -> bool {
-        false
+    fn skips(&self, name: &HeaderName, _: &HeaderValue) -> bool {
+        *name == header::HOST
     }
     fn write(&self, _: &mut Vec<u8>) {}
 }
@@ -226,7 +232,7 @@ impl RequestHead<'_> {
         out.extend_from_slice(self.host.as_bytes());
         out.extend_from_slice(b"\r\n");
         for (name, value) in self.headers {
-            if !self.edits.skips(name) {
+            if !self.edits.skips(name, value) {
                 write_header_line(out, name, value.as_bytes());
             }
         }
@@ -315,7 +321,7 @@ impl RawHead {
 }
 
 /// True for a hop-by-hop field name (RFC 9110 §7.6.1), in any case.
-fn is_hop_by_hop(name: &[u8]) -> bool {
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
     const NAMES: [&[u8]; 9] = [
         b"connection",
         b"keep-alive",
@@ -996,7 +1002,7 @@ mod tests {
     struct Extra;
 
     impl HeadEdits for Extra {
-        fn skips(&self, name: &HeaderName) -> bool {
+        fn skips(&self, name: &HeaderName, _: &HeaderValue) -> bool {
             name.as_str() == "x-drop"
         }
         fn write(&self, out: &mut Vec<u8>) {

@@ -376,27 +376,83 @@ pub fn set_forwarded_headers(
     Forwarded::new(headers, conn, host, trusted).apply(headers);
 }
 
-/// What keygate adds to a request on its way upstream: the forwarded and identity headers.
-pub struct Additions<'a> {
+/// What keygate does to a request's headers on its way upstream: client-sent `X-Keygate-*`,
+/// the credential (unless `forward_key`), hop-by-hop fields and `Host` go; the forwarded
+/// and identity headers come. keygate's own HTTP/1.1 client applies it while writing the
+/// request head (the header map is never changed); hyper's path and echo apply it to the
+/// map ([`Rewrite::apply`]). A test checks that both give the same fields.
+pub struct Rewrite<'a> {
     /// `X-Forwarded-*`.
     pub forwarded: Forwarded,
     /// `X-Keygate-*`.
     pub identity: Identity<'a>,
+    /// Where the credential came from.
+    pub auth: &'a AuthConfig,
+    /// An upgrade request: its `Connection: upgrade` / `Upgrade` pair stays.
+    pub upgrade: bool,
 }
 
-impl Additions<'_> {
-    /// Sets them in a header map (hyper's path, echo).
+impl<'a> Rewrite<'a> {
+    /// The rewrite of a request with `headers` (`host`: its `Host`, or its URI's authority)
+    /// from `conn`. A `Connection` field naming other fields is applied to the map right
+    /// away (rare): the fields it names are hop-by-hop for this request only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        headers: &mut HeaderMap,
+        conn: &ConnInfo,
+        host: Option<&HeaderValue>,
+        trusted: &[IpNet],
+        auth: &'a AuthConfig,
+        identity: Identity<'a>,
+        upgrade: bool,
+    ) -> Self {
+        if names_fields(headers) {
+            strip_hop_by_hop(headers, upgrade);
+        }
+        Rewrite {
+            forwarded: Forwarded::new(headers, conn, host, trusted),
+            identity,
+            auth,
+            upgrade,
+        }
+    }
+
+    /// Applies it to a header map (hyper's path, echo).
     pub fn apply(self, headers: &mut HeaderMap) {
-        // Room for them all at once, not one growth at a time.
+        strip_keygate_headers(headers);
+        strip_credential(headers, self.auth);
+        strip_hop_by_hop(headers, self.upgrade);
+        headers.remove(header::HOST);
+        // Room for the additions at once, not one growth at a time.
         headers.reserve(9);
         self.forwarded.apply(headers);
         set_identity_headers(headers, self.identity.key, self.identity.deployment);
     }
 }
 
-impl crate::h1upstream::HeadEdits for Additions<'_> {
-    fn skips(&self, name: &HeaderName) -> bool {
-        self.forwarded.replaces(name)
+/// True when a `Connection` field names a field that is not hop-by-hop anyway.
+fn names_fields(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| {
+            !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !known_connection_token(t)
+        })
+}
+
+impl crate::h1upstream::HeadEdits for Rewrite<'_> {
+    fn skips(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        let text = name.as_str();
+        crate::h1upstream::is_hop_by_hop(text.as_bytes())
+            || *name == header::HOST
+            || text.starts_with("x-keygate-")
+            || self.forwarded.replaces(name)
+            || (!self.auth.forward_key
+                && (*name == self.auth.header
+                    || (self.auth.bearer && *name == header::AUTHORIZATION && is_bearer(value))))
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -678,7 +734,7 @@ pub async fn forward(
     direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
     mut req: Request<RequestBody>,
-    additions: Additions<'_>,
+    rewrite: Rewrite<'_>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
     let upgrade = is_upgrade_request(&req);
@@ -694,8 +750,8 @@ pub async fn forward(
             req.method(),
             req.uri(),
             req.headers(),
-            // Written straight into the request head: no header-map entries to make.
-            &additions,
+            // Applied while writing the request head: the header map stays as it came.
+            &rewrite,
             timeout,
         )
         .await?;
@@ -704,7 +760,7 @@ pub async fn forward(
             return Ok(resp.map(body::raw));
         }
     }
-    additions.apply(req.headers_mut());
+    rewrite.apply(req.headers_mut());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
     let progress = Arc::new(Progress::new());
@@ -838,6 +894,119 @@ mod tests {
         assert_eq!(String::from_utf8(written).unwrap(), from_map.concat());
         assert_eq!(map.len(), 6);
         assert_eq!(map["x-keygate-scopes"], "read,data:read");
+    }
+
+    /// keygate's own client writes what hyper's path gets by rewriting the header map:
+    /// the map's fields it does not skip plus the lines it writes, for requests with
+    /// hop-by-hop fields, client-sent identity headers, credentials in every place and
+    /// forwarded headers from trusted and untrusted peers.
+    #[test]
+    fn written_rewrite_matches_the_header_map_rewrite() {
+        use crate::h1upstream::HeadEdits;
+        let config = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[deployments]]\nname = \"billing\"\nupstream = \"echo\"\n",
+        )
+        .unwrap();
+        let deployment = &config.deployments[0];
+        let hasher = crate::keys::SecretHasher::new(None);
+        let (record, _) = crate::keys::KeyRecord::issue(
+            "ci".into(),
+            crate::keys::Role::Viewer,
+            vec!["read".into()],
+            vec!["billing".into()],
+            &hasher,
+        )
+        .unwrap();
+        let key = LiveKey::from_record(&record);
+        let requests: [&[(&str, &str)]; 5] = [
+            &[
+                ("host", "api.example"),
+                ("x-api-key", "k"),
+                ("accept", "*/*"),
+            ],
+            &[
+                ("host", "api.example"),
+                ("authorization", "Bearer k"),
+                ("authorization", "Basic Zm9v"),
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("x-keygate-role", "admin"),
+                ("X-Keygate-Key-Id", "forged"),
+            ],
+            &[
+                ("connection", "close, x-secret-hop"),
+                ("x-secret-hop", "1"),
+                ("x-forwarded-for", "198.51.100.7"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "front.example"),
+                ("upgrade", "h2c"),
+                ("proxy-authorization", "Basic x"),
+            ],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("trailer", "x-t"),
+                ("x-api-key", "k"),
+            ],
+            &[("user-agent", "curl"), ("accept", "a"), ("accept", "b")],
+        ];
+        for forward_key in [false, true] {
+            let mut auth = config.auth.clone();
+            auth.forward_key = forward_key;
+            for fields in requests {
+                for peer in ["127.0.0.1:5000", "203.0.113.9:5000"] {
+                    let mut map = HeaderMap::new();
+                    for (n, v) in fields {
+                        map.append(
+                            HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                            HeaderValue::from_static(v),
+                        );
+                    }
+                    let conn = ConnInfo {
+                        peer: peer.parse().unwrap(),
+                        tls: false,
+                    };
+                    let host = map.get(header::HOST).cloned();
+                    let rewrite = |map: &mut HeaderMap| {
+                        Rewrite::new(
+                            map,
+                            &conn,
+                            host.as_ref(),
+                            &trusted(),
+                            &auth,
+                            Identity {
+                                key: &key,
+                                deployment,
+                            },
+                            false,
+                        )
+                    };
+                    let mut applied = map.clone();
+                    rewrite(&mut applied).apply(&mut applied);
+                    let mut from_map: Vec<String> = applied
+                        .iter()
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .collect();
+                    let edits = rewrite(&mut map);
+                    let mut out = Vec::new();
+                    edits.write(&mut out);
+                    let mut written: Vec<String> = map
+                        .iter()
+                        .filter(|(n, v)| !edits.skips(n, v))
+                        .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                        .chain(String::from_utf8(out).unwrap().lines().map(str::to_string))
+                        .collect();
+                    from_map.sort();
+                    written.sort();
+                    assert_eq!(
+                        written, from_map,
+                        "{fields:?} from {peer}, forward_key {forward_key}"
+                    );
+                    assert!(!written.iter().any(|l| l.starts_with("x-secret-hop")));
+                }
+            }
+        }
     }
 
     fn trusted() -> Vec<IpNet> {
