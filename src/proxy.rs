@@ -733,7 +733,7 @@ pub async fn forward(
     client: &UpstreamClient,
     direct: &Arc<DirectUpstream>,
     target: &UpstreamTarget,
-    mut req: Request<RequestBody>,
+    req: Request<RequestBody>,
     rewrite: Rewrite<'_>,
     timeout: Duration,
 ) -> Result<Response<Body>, GatewayError> {
@@ -760,6 +760,25 @@ pub async fn forward(
             return Ok(resp.map(body::raw));
         }
     }
+    // Boxed: hyper's path is the rarer one, and its futures would otherwise make every
+    // request's future larger (and each move of it costlier).
+    Box::pin(forward_with_hyper(
+        client, direct, target, req, rewrite, timeout, upgrade,
+    ))
+    .await
+}
+
+/// [`forward`] through hyper's client: requests with a body, upgrades, `https://`, and
+/// whatever keygate's own client could not take.
+async fn forward_with_hyper(
+    client: &UpstreamClient,
+    direct: &Arc<DirectUpstream>,
+    target: &UpstreamTarget,
+    mut req: Request<RequestBody>,
+    rewrite: Rewrite<'_>,
+    timeout: Duration,
+    upgrade: bool,
+) -> Result<Response<Body>, GatewayError> {
     rewrite.apply(req.headers_mut());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     *req.version_mut() = Version::HTTP_11;
