@@ -878,16 +878,14 @@ mod tests {
         assert!(fwd.replaces(&X_FORWARDED_FOR) && fwd.replaces(&X_FORWARDED_HOST));
     }
 
-    /// The identity headers keygate's own HTTP/1.1 writer sends are the ones hyper's path
-    /// sets in the header map, in the same order.
-    #[test]
-    fn written_identity_headers_match_the_header_map_ones() {
+    /// A config with an echo deployment `billing`, and a viewer key named "CI pipeline" on it
+    /// with the scopes `read` and `data:read`.
+    fn billing_viewer() -> (crate::config::Config, LiveKey) {
         let config = crate::config::Config::parse(
             std::path::Path::new("t.toml"),
             "[[deployments]]\nname = \"billing\"\nupstream = \"echo\"\n",
         )
         .unwrap();
-        let deployment = &config.deployments[0];
         let hasher = crate::keys::SecretHasher::new(None);
         let (record, _) = crate::keys::KeyRecord::issue(
             "CI pipeline".into(),
@@ -897,7 +895,15 @@ mod tests {
             &hasher,
         )
         .unwrap();
-        let key = LiveKey::from_record(&record);
+        (config, LiveKey::from_record(&record))
+    }
+
+    /// The identity headers keygate's own HTTP/1.1 writer sends are the ones hyper's path
+    /// sets in the header map, in the same order.
+    #[test]
+    fn written_identity_headers_match_the_header_map_ones() {
+        let (config, key) = billing_viewer();
+        let deployment = &config.deployments[0];
         let mut map = HeaderMap::new();
         set_identity_headers(&mut map, &key, deployment);
         let from_map: Vec<String> = map
@@ -922,22 +928,8 @@ mod tests {
     #[test]
     fn written_rewrite_matches_the_header_map_rewrite() {
         use crate::h1upstream::HeadEdits;
-        let config = crate::config::Config::parse(
-            std::path::Path::new("t.toml"),
-            "[[deployments]]\nname = \"billing\"\nupstream = \"echo\"\n",
-        )
-        .unwrap();
+        let (config, key) = billing_viewer();
         let deployment = &config.deployments[0];
-        let hasher = crate::keys::SecretHasher::new(None);
-        let (record, _) = crate::keys::KeyRecord::issue(
-            "ci".into(),
-            crate::keys::Role::Viewer,
-            vec!["read".into()],
-            vec!["billing".into()],
-            &hasher,
-        )
-        .unwrap();
-        let key = LiveKey::from_record(&record);
         let requests: [&[(&str, &str)]; 5] = [
             &[
                 ("host", "api.example"),

@@ -284,6 +284,17 @@ impl Raw {
         (start.elapsed(), std::mem::take(&mut self.buf))
     }
 
+    /// How long until the gateway closed the connection, having sent nothing more.
+    async fn silently_closed(&mut self) -> Duration {
+        let (took, rest) = self.closed_within(SOON).await;
+        assert!(
+            rest.is_empty(),
+            "bytes before the close: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        took
+    }
+
     /// The connection is closed with nothing more sent.
     async fn expect_closed(&mut self) {
         let (_, rest) = self.closed_within(SOON).await;
@@ -327,6 +338,16 @@ async fn gateway_with(upstream: &str, server_lines: &str) -> (TestGateway, Strin
     .await;
     let (_, secret) = gw.operator_key();
     (gw, secret)
+}
+
+/// An echo gateway with the `[server]` timeout lines given, and a connection on which one
+/// GET of `path` has been answered.
+async fn one_request_answered(timeouts: &str, path: &str) -> (TestGateway, Raw, String) {
+    let (gw, secret) = gateway_with("echo", timeouts).await;
+    let mut c = Raw::connect(gw.addr()).await;
+    c.send(req("GET", path, Some(&secret), "").as_bytes()).await;
+    c.response(false).await.echoed("GET", path);
+    (gw, c, secret)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1024,12 +1045,7 @@ async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
         .expect("upstream alive");
 
     gw.running.shutdown();
-    let (took, rest) = idle.closed_within(SOON).await;
-    assert!(
-        rest.is_empty(),
-        "bytes on the idle connection: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    let took = idle.silently_closed().await;
     assert!(took < Duration::from_secs(5), "closed only after {took:?}");
 
     up.release.notify_one();
@@ -1053,23 +1069,14 @@ async fn shutdown_closes_idle_connections_and_finishes_requests_in_flight() {
 /// its first byte), not left open for the idle timeout.
 #[tokio::test]
 async fn a_later_head_that_stalls_is_cut_by_header_read_timeout() {
-    let (gw, secret) = gateway_with(
-        "echo",
+    let (gw, mut c, secret) = one_request_answered(
         "header_read_timeout = \"300ms\"\nidle_timeout = \"60s\"\n",
+        "/first",
     )
     .await;
-    let mut c = Raw::connect(gw.addr()).await;
-    c.send(req("GET", "/first", Some(&secret), "").as_bytes())
-        .await;
-    c.response(false).await.echoed("GET", "/first");
     c.send(format!("GET /second HTTP/1.1\r\nhost: x\r\nx-api-key: {secret}\r\n").as_bytes())
         .await;
-    let (took, rest) = c.closed_within(SOON).await;
-    assert!(
-        rest.is_empty(),
-        "an answer to half a head: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    let took = c.silently_closed().await;
     assert!(
         took >= Duration::from_millis(250),
         "closed before header_read_timeout: {took:?}"
@@ -1078,8 +1085,7 @@ async fn a_later_head_that_stalls_is_cut_by_header_read_timeout() {
     // Half a first head, too.
     let mut c = Raw::connect(gw.addr()).await;
     c.send(b"GET /half HTTP/1.1\r\nhost: x\r\n").await;
-    let (took, rest) = c.closed_within(SOON).await;
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let took = c.silently_closed().await;
     assert!(took >= Duration::from_millis(250), "{took:?}");
 }
 
@@ -1088,25 +1094,19 @@ async fn a_later_head_that_stalls_is_cut_by_header_read_timeout() {
 /// header_read_timeout.
 #[tokio::test]
 async fn an_idle_connection_lives_for_idle_timeout_not_header_read_timeout() {
-    let (gw, secret) = gateway_with(
-        "echo",
+    let (gw, mut c, _) = one_request_answered(
         "header_read_timeout = \"200ms\"\nidle_timeout = \"1s\"\n",
+        "/once",
     )
     .await;
-    let mut c = Raw::connect(gw.addr()).await;
-    c.send(req("GET", "/once", Some(&secret), "").as_bytes())
-        .await;
-    c.response(false).await.echoed("GET", "/once");
-    let (took, rest) = c.closed_within(SOON).await;
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let took = c.silently_closed().await;
     assert!(
         took >= Duration::from_millis(900),
         "an idle keep-alive connection was closed after {took:?}, idle_timeout is 1s"
     );
 
     let mut silent = Raw::connect(gw.addr()).await;
-    let (took, rest) = silent.closed_within(SOON).await;
-    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let took = silent.silently_closed().await;
     assert!(took >= Duration::from_millis(150), "{took:?}");
 }
 
@@ -1114,15 +1114,11 @@ async fn an_idle_connection_lives_for_idle_timeout_not_header_read_timeout() {
 /// header_read_timeout counted from its first byte: each byte does not start the count again.
 #[tokio::test]
 async fn a_later_head_that_trickles_is_cut_by_header_read_timeout() {
-    let (gw, secret) = gateway_with(
-        "echo",
+    let (_gw, mut c, _) = one_request_answered(
         "header_read_timeout = \"300ms\"\nidle_timeout = \"60s\"\n",
+        "/first",
     )
     .await;
-    let mut c = Raw::connect(gw.addr()).await;
-    c.send(req("GET", "/first", Some(&secret), "").as_bytes())
-        .await;
-    c.response(false).await.echoed("GET", "/first");
     let start = Instant::now();
     let (mut rd, mut wr) = c.stream.split();
     let trickle = async {
@@ -1173,12 +1169,7 @@ async fn a_partial_head_pipelined_behind_a_request_is_cut_by_header_read_timeout
     let bytes = req("GET", "/first", Some(&secret), "") + "GET /second HTTP/1.1\r\nhost: x\r\n";
     c.send(bytes.as_bytes()).await;
     c.response(false).await.echoed("GET", "/first");
-    let (took, rest) = c.closed_within(SOON).await;
-    assert!(
-        rest.is_empty(),
-        "an answer to half a head: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    let took = c.silently_closed().await;
     assert!(
         took < Duration::from_secs(4),
         "half a head pipelined behind a request was cut after {took:?} (idle_timeout is 8s), \
