@@ -387,18 +387,9 @@ async fn script_upstream(script: Vec<Vec<Vec<u8>>>) -> Scripted {
                 let mut buf = Vec::new();
                 loop {
                     // Requests here have no body: a request ends at its blank line.
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    let Some(head) = common::read_request_head(&mut stream, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
                     let _ = seen_tx.send(head);
                     let Some(pieces) = script.lock().unwrap().pop_front() else {
                         return;

@@ -199,18 +199,9 @@ async fn serve_script(
     let mut buf = Vec::new();
     loop {
         // The requests of these tests have no body: a request ends at its blank line.
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head) = common::read_request_head(&mut stream, &mut buf).await else {
+            return;
         };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
         let _ = seen.send(Seen { conn, head });
         let Some(reply) = script.lock().unwrap().pop_front() else {
             return;

@@ -415,3 +415,25 @@ pub const KEY_FIELDS: [&str; 17] = [
 
 /// Keeps `Arc` in scope for tests that share state.
 pub type Shared<T> = Arc<T>;
+
+/// Reads one body-less request head off `stream` (`buf` keeps what was read past it): the
+/// head's text without its blank line, or `None` once the stream ends.
+pub async fn read_request_head(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end + 4);
+    Some(head)
+}
