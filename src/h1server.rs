@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Body as _, Frame};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -30,7 +30,7 @@ use crate::answer::{write_rate_lines, Answer};
 use crate::body::{Body, RequestBody};
 use crate::clock::{unix_now, CoarseStopwatch, LazyTimer};
 use crate::direct::DirectUpstream;
-use crate::h1upstream::{write_header_line, RawHead};
+use crate::h1upstream::{merge_length, poll_read_into, span_in, write_header_line, RawHead};
 use crate::proxy::ConnInfo;
 use crate::proxyproto::Prefixed;
 use crate::ratelimit::Decision;
@@ -181,16 +181,7 @@ fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Scan {
     if method == Method::CONNECT || !target.starts_with('/') {
         return Scan::Other;
     }
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        // An empty value need not point into the buffer.
-        let start = (s.as_ptr() as usize).wrapping_sub(base);
-        if s.is_empty() || start > len {
-            0..0
-        } else {
-            start..start + s.len()
-        }
-    };
+    let span = |part: &[u8]| span_in(&buf[..len], part);
     let mut close = false;
     fields.clear();
     for h in req.headers.iter() {
@@ -337,12 +328,8 @@ async fn read_more<S: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
         }
-        let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
-        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) => {
-                let n = rb.filled().len();
-                // SAFETY: the reader initialised (filled) the first `n` spare bytes.
-                unsafe { buf.set_len(buf.len() + n) };
+        match poll_read_into(io, cx, buf, usize::MAX) {
+            Poll::Ready(Ok(n)) => {
                 guard.touch();
                 return Poll::Ready(Ok(n));
             }
@@ -416,18 +403,7 @@ enum Framing {
 /// The `Content-Length` value (`"5, 5"` too, as RFC 9110 §8.6 allows); `None` when it is
 /// not a number or its parts differ.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    let mut found = None;
-    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
+    merge_length(None, value).ok().flatten()
 }
 
 /// What goes into a response head besides the status and the header map.
