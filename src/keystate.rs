@@ -3,14 +3,13 @@
 //! registry keyed by id keeps one state across a key's versions (an update or a rotation
 //! publishes a new live key) and lets the usage flush and reports find it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
-use once_cell::race::OnceBox;
 
 use crate::keyindex::{KeyId, LiveKey};
 use crate::ratelimit::LimiterCell;
-use crate::usage::LastUseCell;
+use crate::usage::{LastUseCell, RecentCounter};
 
 /// The mutable per-key state.
 #[derive(Default)]
@@ -19,11 +18,14 @@ pub struct KeyState {
     pub limiter: LimiterCell,
     /// When, from where and with which user agent the key was last used.
     pub last_use: LastUseCell,
+    /// The usage counter of its last request.
+    pub recent: RecentCounter,
 }
 
 /// The slot a live key caches its state in (empty until the key's first request, so idle
-/// keys cost one pointer).
-pub type StateSlot = OnceBox<Arc<KeyState>>;
+/// keys cost no state). The `Arc` sits inline: reaching the state is one pointer hop from the
+/// live key (a boxed slot cost a second, dependent cache miss per request with many keys).
+pub type StateSlot = OnceLock<Arc<KeyState>>;
 
 /// Every key's state, by id.
 #[derive(Default)]
@@ -35,8 +37,7 @@ impl KeyStates {
     /// The state of `key`: from the key's own slot, else from (or new in) the registry, then
     /// cached in the slot. Every version of a key gets the same state.
     pub fn of<'k>(&self, key: &'k LiveKey) -> &'k KeyState {
-        key.state_slot()
-            .get_or_init(|| Box::new(self.registered(key.id())))
+        key.state_slot().get_or_init(|| self.registered(key.id()))
     }
 
     /// The state of the key with id `id`, made when it has none (for callers without the

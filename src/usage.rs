@@ -178,6 +178,48 @@ impl std::hash::Hash for CounterKey {
     }
 }
 
+/// Set in a counter the flush has dropped from the map (it was a past day's and at zero): a
+/// request that still holds it counts again through the map.
+const RETIRED: u64 = 1 << 63;
+
+/// One in-memory counter: the requests not yet flushed, and (for the per-key cache) which
+/// day, deployment, operation and status class it counts.
+#[derive(Debug)]
+struct CounterCell {
+    count: AtomicU64,
+    day: u32,
+    class: u8,
+    deployment: Arc<str>,
+    operation: Operation,
+}
+
+impl CounterCell {
+    /// True when this cell counts requests of `day`, `class`, `deployment` and `operation`.
+    fn counts(&self, day: u32, class: u8, deployment: &Arc<str>, operation: &Operation) -> bool {
+        self.day == day
+            && self.class == class
+            && (Arc::ptr_eq(&self.deployment, deployment) || self.deployment == *deployment)
+            && self.operation == *operation
+    }
+
+    /// Counts one request; false when the cell was retired (the count went nowhere).
+    fn add(&self) -> bool {
+        self.count.fetch_add(1, Ordering::Relaxed) & RETIRED == 0
+    }
+
+    /// Requests counted and not yet flushed.
+    fn pending(&self) -> u64 {
+        self.count.load(Ordering::Acquire) & !RETIRED
+    }
+}
+
+/// The counter a key counted its last request in (in its `keystate::KeyState`): a request
+/// counting under the same day, deployment, operation and class (nearly all of them) bumps
+/// it without a map lookup: one pointer hop from the key's state instead of hashing and
+/// probing a map of every key's counters, a few dependent cache misses with many keys.
+#[derive(Default)]
+pub struct RecentCounter(ArcSwapOption<CounterCell>);
+
 /// The client address and user agent of a key's last use.
 #[derive(Debug)]
 struct Seen {
@@ -315,7 +357,8 @@ pub trait UsageReader: Send + Sync {
 /// Usage counters and their persistence.
 pub struct Usage {
     store: Arc<Store>,
-    counters: DashMap<CounterKey, AtomicU64, foldhash::fast::RandomState>,
+    /// Every counter. A key's [`RecentCounter`] shares one of them.
+    counters: DashMap<CounterKey, Arc<CounterCell>, foldhash::fast::RandomState>,
     /// Per-key state: the last uses live there (and the limiters, for the gateway).
     states: KeyStates,
     /// Held for writing across a flush (read counters → commit → subtract) and a key's
@@ -350,42 +393,66 @@ impl Usage {
 
     /// Counts one request. No disk, no await, no allocation once the counter exists.
     pub fn record(&self, hit: Hit<'_>) {
-        let probe = CounterParts {
-            key: hit.key.as_bytes(),
-            day: day_number(hit.now),
-            deployment: hit.deployment,
-            operation: hit.operation,
-            class: class_of(hit.status),
-        };
-        match self.counters.get(&probe as &dyn CounterIdentity) {
-            Some(c) => {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                let key = CounterKey {
-                    key: KeyId::from(hit.key),
-                    day: probe.day,
-                    deployment: hit.deployment.clone(),
-                    operation: hit.operation.clone(),
-                    class: probe.class,
-                };
-                self.counters
-                    .entry(key)
-                    .or_insert_with(|| AtomicU64::new(0))
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+        let (day, class) = (day_number(hit.now), class_of(hit.status));
+        let recent = &hit.state.recent.0;
+        let counted = recent
+            .load()
+            .as_deref()
+            .is_some_and(|c| c.counts(day, class, hit.deployment, hit.operation) && c.add());
+        if !counted {
+            let cell = self.count_in_map(&hit, day, class);
+            recent.store(Some(cell));
         }
         hit.state.last_use.record(hit.now, hit.ip, hit.user_agent);
+    }
+
+    /// Counts one request through the map (its counter made when it has none); returns the
+    /// counter, for the key's cache.
+    fn count_in_map(&self, hit: &Hit<'_>, day: u32, class: u8) -> Arc<CounterCell> {
+        let probe = CounterParts {
+            key: hit.key.as_bytes(),
+            day,
+            deployment: hit.deployment,
+            operation: hit.operation,
+            class,
+        };
+        loop {
+            let cell = match self.counters.get(&probe as &dyn CounterIdentity) {
+                Some(c) => c.clone(),
+                None => {
+                    let key = CounterKey {
+                        key: KeyId::from(hit.key),
+                        day,
+                        deployment: hit.deployment.clone(),
+                        operation: hit.operation.clone(),
+                        class,
+                    };
+                    self.counters
+                        .entry(key)
+                        .or_insert_with(|| {
+                            Arc::new(CounterCell {
+                                count: AtomicU64::new(0),
+                                day,
+                                class,
+                                deployment: hit.deployment.clone(),
+                                operation: hit.operation.clone(),
+                            })
+                        })
+                        .clone()
+                }
+            };
+            // Retired between the lookup and the add: it has left the map; look again.
+            if cell.add() {
+                return cell;
+            }
+        }
     }
 
     /// Requests counted but not yet committed to the store. A request leaves this count only
     /// once the transaction holding it has committed, so `0` means everything counted so far
     /// is on disk.
     pub fn pending(&self) -> u64 {
-        self.counters
-            .iter()
-            .map(|c| c.value().load(Ordering::Acquire))
-            .sum()
+        self.counters.iter().map(|c| c.value().pending()).sum()
     }
 
     /// Writes all deltas in one transaction. The in-memory counters are decreased only after
@@ -411,7 +478,7 @@ impl Usage {
             .counters
             .iter()
             .filter_map(|c| {
-                let n = c.value().load(Ordering::Acquire);
+                let n = c.value().pending();
                 (n > 0).then(|| (c.key().clone(), n))
             })
             .collect();
@@ -430,7 +497,7 @@ impl Usage {
                 // Only what was written leaves the counters; requests counted meanwhile stay.
                 for (k, n) in &deltas {
                     if let Some(c) = self.counters.get(k) {
-                        c.fetch_sub(*n, Ordering::AcqRel);
+                        c.count.fetch_sub(*n, Ordering::AcqRel);
                     }
                 }
             }
@@ -444,11 +511,18 @@ impl Usage {
         // Counters of past days that stayed at zero are done with. `retain` write-locks every
         // shard in turn, and this thread runs at nice 19: a request needing a shard it holds
         // would wait for it to be scheduled again (p99 rose ~0.8 ms under load). So look first
-        // (read locks only) and remove only when something is there to remove.
+        // (read locks only) and remove only when something is there to remove. A removed
+        // counter is retired first (only at zero, atomically), so a request still holding it
+        // in its key's cache counts through the map instead of into a counter nobody flushes.
         let today = day_number(Utc::now().timestamp());
-        let spent = |k: &CounterKey, v: &AtomicU64| k.day < today && v.load(Ordering::Acquire) == 0;
+        let spent = |k: &CounterKey, c: &CounterCell| k.day < today && c.pending() == 0;
         if self.counters.iter().any(|c| spent(c.key(), c.value())) {
-            self.counters.retain(|k, v| !spent(k, v));
+            self.counters.retain(|k, c| {
+                !(spent(k, c)
+                    && c.count
+                        .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok())
+            });
         }
         self.last_flush_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -568,7 +642,7 @@ impl Usage {
         }
         for c in self.counters.iter() {
             let k = c.key();
-            let n = c.value().load(Ordering::Acquire);
+            let n = c.value().pending();
             if &*k.key == id && k.day >= from && n > 0 {
                 *merged
                     .entry((
@@ -732,6 +806,60 @@ mod tests {
         assert_eq!(usage.counters.len(), 1, "only today's counter stays");
         assert_eq!(usage.flush().unwrap(), 0);
         assert_eq!(usage.counters.len(), 1);
+    }
+
+    #[test]
+    fn a_key_alternating_counters_counts_each_in_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
+        let usage = Usage::new(store.clone()).unwrap();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let (get, post) = (
+            Operation::Method(Method::GET),
+            Operation::Method(Method::POST),
+        );
+        let now = Utc::now().timestamp();
+        for i in 0..10 {
+            let op = if i % 2 == 0 { &get } else { &post };
+            let mut hit = ok_hit("key_a", &state, &dep, op, now);
+            hit.status = if i < 6 { 200 } else { 503 };
+            usage.record(hit);
+        }
+        let rows = usage.rows("key_a", 0).unwrap();
+        let count = |op: &str, class: u8| {
+            rows.iter()
+                .find(|r| r.2 == op && r.3 == class)
+                .map_or(0, |r| r.4)
+        };
+        assert_eq!((count("GET", 0), count("POST", 0)), (3, 3));
+        assert_eq!((count("GET", 3), count("POST", 3)), (2, 2));
+        assert_eq!(usage.flush().unwrap(), 10);
+        assert_eq!(stored_total(&store, "key_a"), 10);
+    }
+
+    #[test]
+    fn a_request_holding_a_dropped_counter_counts_through_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
+        let usage = Usage::new(store.clone()).unwrap();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let op = Operation::Method(Method::GET);
+        let yesterday = Utc::now().timestamp() - 86_400;
+        usage.record(ok_hit("key_a", &state, &dep, &op, yesterday));
+        assert_eq!(usage.flush().unwrap(), 1);
+        assert_eq!(
+            usage.counters.len(),
+            0,
+            "yesterday's spent counter is dropped"
+        );
+        // The key's cache still holds the dropped counter (a request from just before
+        // midnight): its count must reach the store all the same.
+        usage.record(ok_hit("key_a", &state, &dep, &op, yesterday));
+        assert_eq!(usage.pending(), 1);
+        assert_eq!(usage.flush().unwrap(), 1);
+        assert_eq!(stored_total(&store, "key_a"), 2);
     }
 
     #[test]
