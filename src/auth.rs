@@ -123,6 +123,7 @@ impl Verifier<'_> {
         }
         let digest = self.hasher.digest(secret);
         let entry = self.index.lookup(&digest).ok_or(GatewayError::InvalidKey)?;
+        entry.key.prefetch();
         if entry.valid_until.is_some_and(|until| now >= until) {
             return Err(GatewayError::InvalidKey);
         }

@@ -328,6 +328,20 @@ impl LiveKey {
         &self.state
     }
 
+    /// Starts loading what a request reads of this key next (its strings and its state), so
+    /// those cache misses overlap instead of following one another: with many keys, each
+    /// request's key is rarely in cache.
+    pub fn prefetch(&self) {
+        let text = self.text.as_ptr();
+        prefetch(text);
+        if self.text.len() > 64 {
+            prefetch(text.wrapping_add(64));
+        }
+        if let Some(state) = self.state.get() {
+            prefetch(Arc::as_ptr(state));
+        }
+    }
+
     /// The key id as text.
     pub fn id_str(&self) -> &str {
         self.field(ID)
@@ -404,6 +418,19 @@ impl LiveKey {
     pub fn scope_list(&self) -> Vec<String> {
         self.scopes().map(str::to_string).collect()
     }
+}
+
+/// Hints the CPU to load the cache line holding `p` (nothing on other architectures).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, and a prefetch never faults or reads
+    // memory in a way the program can observe, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// One digest's entry as found by a lookup.
