@@ -789,11 +789,17 @@ mod tests {
         rows.map(|r| r.unwrap().1.value()).sum()
     }
 
-    #[test]
-    fn flushed_counters_of_past_days_are_dropped_and_todays_kept() {
+    /// Usage over a fresh store in a temporary directory (kept alive by the first item).
+    fn usage_in_temp_store() -> (tempfile::TempDir, Arc<Store>, Usage) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
-        let usage = Usage::new(store).unwrap();
+        let usage = Usage::new(store.clone()).unwrap();
+        (dir, store, usage)
+    }
+
+    #[test]
+    fn flushed_counters_of_past_days_are_dropped_and_todays_kept() {
+        let (_dir, _store, usage) = usage_in_temp_store();
         let state = usage.key_states().of_id("key_a");
         let dep: Arc<str> = Arc::from("app");
         let op = Operation::Method(Method::GET);
@@ -810,9 +816,7 @@ mod tests {
 
     #[test]
     fn a_key_alternating_counters_counts_each_in_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
-        let usage = Usage::new(store.clone()).unwrap();
+        let (_dir, store, usage) = usage_in_temp_store();
         let state = usage.key_states().of_id("key_a");
         let dep: Arc<str> = Arc::from("app");
         let (get, post) = (
@@ -840,9 +844,7 @@ mod tests {
 
     #[test]
     fn a_request_holding_a_dropped_counter_counts_through_the_map() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
-        let usage = Usage::new(store.clone()).unwrap();
+        let (_dir, store, usage) = usage_in_temp_store();
         let state = usage.key_states().of_id("key_a");
         let dep: Arc<str> = Arc::from("app");
         let op = Operation::Method(Method::GET);
@@ -890,9 +892,8 @@ mod tests {
     /// recorded before it started, and `pending() == 0` means everything counted is on disk.
     #[test]
     fn counts_are_never_invisible_while_a_flush_is_in_flight() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
-        let usage = Arc::new(Usage::new(store.clone()).unwrap());
+        let (_dir, store, usage) = usage_in_temp_store();
+        let usage = Arc::new(usage);
         let recorded = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
         const N: u64 = 3000;
@@ -947,9 +948,8 @@ mod tests {
     /// A flush racing a delete cannot write the deleted key's rows back.
     #[test]
     fn a_deleted_key_stays_deleted_under_concurrent_flushes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("u.redb")).unwrap());
-        let usage = Arc::new(Usage::new(store.clone()).unwrap());
+        let (_dir, store, usage) = usage_in_temp_store();
+        let usage = Arc::new(usage);
         let id = "key_d";
         let dep: Arc<str> = Arc::from("app");
         for round in 0..300u32 {
