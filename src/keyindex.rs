@@ -338,7 +338,11 @@ impl LiveKey {
             prefetch(text.wrapping_add(64));
         }
         if let Some(state) = self.state.get() {
-            prefetch(Arc::as_ptr(state));
+            // Every line of it: the limiter sits inline (see `ratelimit::LimiterCell`).
+            let at = Arc::as_ptr(state).cast::<u8>();
+            for offset in (0..std::mem::size_of::<crate::keystate::KeyState>()).step_by(64) {
+                prefetch(at.wrapping_add(offset));
+            }
         }
     }
 

@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -82,8 +82,18 @@ impl Slot {
 }
 
 /// A key's limiter (in its `keystate::KeyState`): made on the key's first limited request and
-/// replaced when its limit changes (key update or config reload).
-pub type LimiterCell = ArcSwapOption<Slot>;
+/// replaced when its limit changes (key update or config reload). The first one sits inline
+/// and is read with one load: most keys never change limit, and their requests then follow
+/// no pointer and go through no `ArcSwap` protocol (each was a stall per request with many
+/// keys). Once the limit changes, the first is retired for good and the current limiter
+/// lives behind `changed`.
+#[derive(Default)]
+pub struct LimiterCell {
+    first: OnceLock<Slot>,
+    /// Set once the key's limit has changed away from the first limiter's.
+    first_retired: AtomicBool,
+    changed: ArcSwapOption<Slot>,
+}
 
 /// Decides per-key limits; the limiter state itself lives in each key's [`LimiterCell`].
 #[derive(Default)]
@@ -102,16 +112,23 @@ impl KeyLimits {
         let Some(limit) = limit else {
             return Decision::Unlimited;
         };
-        if let Some(slot) = cell.load().as_deref() {
+        if !cell.first_retired.load(Ordering::Acquire) {
+            let first = cell.first.get_or_init(|| Slot::new(limit, &self.clock));
+            if first.limit == limit {
+                return self.decide(first);
+            }
+            cell.first_retired.store(true, Ordering::Release);
+        }
+        if let Some(slot) = cell.changed.load().as_deref() {
             if slot.limit == limit {
                 return self.decide(slot);
             }
         }
-        // First limited request, or the limit changed: a fresh limiter, unless a concurrent
-        // request has just installed one for this same limit.
+        // The limit changed: a fresh limiter, unless a concurrent request has just installed
+        // one for this same limit.
         let fresh = Arc::new(Slot::new(limit, &self.clock));
         let mut installed = fresh.clone();
-        cell.rcu(|current| {
+        cell.changed.rcu(|current| {
             installed = match current {
                 Some(s) if s.limit == limit => s.clone(),
                 _ => fresh.clone(),
@@ -278,6 +295,11 @@ mod tests {
         assert!(matches!(
             limits.check(&cell, Limit::parse("6/1m").unwrap()),
             Decision::Allowed { remaining: 5, .. }
+        ));
+        // And so does a change back to the first limit (its exhausted limiter is not reused).
+        assert!(matches!(
+            limits.check(&cell, limit),
+            Decision::Allowed { remaining: 4, .. }
         ));
         assert_eq!(limits.check(&cell, None), Decision::Unlimited);
     }
