@@ -11,6 +11,9 @@
 # with environment settings ("MIMALLOC_ALLOW_THP=1 /tmp/kg"). Cores as in load.sh: wrk on
 # CPU 0, everything else on CPU 1. Prints req/s, p99 and the proxy's CPU time per request.
 # Knobs: ROUNDS=3 DURATION=8 (seconds).
+#
+# A build run later in a round tends to do a little better (measured: a difference of a few
+# percent flipped with the order), so list the builds balanced: A B B A.
 set -euo pipefail
 
 DIR=${1:?usage: ab.sh LOAD_DIR BINARY...}
