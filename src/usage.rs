@@ -98,7 +98,7 @@ struct CounterKey {
 /// lookup clones (and reference-counts) nothing.
 #[derive(Clone, Copy)]
 struct CounterParts<'a> {
-    key: &'a [u8],
+    key: &'a str,
     day: u32,
     deployment: &'a Arc<str>,
     operation: &'a Operation,
@@ -124,7 +124,7 @@ trait CounterIdentity {
 impl CounterIdentity for CounterKey {
     fn parts(&self) -> CounterParts<'_> {
         CounterParts {
-            key: self.key.as_bytes(),
+            key: self.key.as_str(),
             day: self.day,
             deployment: &self.deployment,
             operation: &self.operation,
@@ -152,7 +152,7 @@ impl Eq for dyn CounterIdentity + '_ {}
 impl std::hash::Hash for dyn CounterIdentity + '_ {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         let p = self.parts();
-        hash_id(p.key, state);
+        hash_id(p.key.as_bytes(), state);
         state.write_u32(p.day);
     }
 }
@@ -182,24 +182,18 @@ impl std::hash::Hash for CounterKey {
 /// request that still holds it counts again through the map.
 const RETIRED: u64 = 1 << 63;
 
-/// One in-memory counter: the requests not yet flushed, and (for the per-key cache) which
-/// day, deployment, operation and status class it counts.
+/// One in-memory counter: the requests not yet flushed, and (for the per-key cache) what it
+/// counts.
 #[derive(Debug)]
 struct CounterCell {
     count: AtomicU64,
-    day: u32,
-    class: u8,
-    deployment: Arc<str>,
-    operation: Operation,
+    identity: CounterKey,
 }
 
 impl CounterCell {
-    /// True when this cell counts requests of `day`, `class`, `deployment` and `operation`.
-    fn counts(&self, day: u32, class: u8, deployment: &Arc<str>, operation: &Operation) -> bool {
-        self.day == day
-            && self.class == class
-            && (Arc::ptr_eq(&self.deployment, deployment) || self.deployment == *deployment)
-            && self.operation == *operation
+    /// True when this cell counts the requests `probe` describes.
+    fn counts(&self, probe: &CounterParts<'_>) -> bool {
+        self.identity.parts() == *probe
     }
 
     /// Counts one request; false when the cell was retired (the count went nowhere).
@@ -393,49 +387,44 @@ impl Usage {
 
     /// Counts one request. No disk, no await, no allocation once the counter exists.
     pub fn record(&self, hit: Hit<'_>) {
-        let (day, class) = (day_number(hit.now), class_of(hit.status));
+        let probe = CounterParts {
+            key: hit.key,
+            day: day_number(hit.now),
+            deployment: hit.deployment,
+            operation: hit.operation,
+            class: class_of(hit.status),
+        };
         let recent = &hit.state.recent.0;
         let counted = recent
             .load()
             .as_deref()
-            .is_some_and(|c| c.counts(day, class, hit.deployment, hit.operation) && c.add());
+            .is_some_and(|c| c.counts(&probe) && c.add());
         if !counted {
-            let cell = self.count_in_map(&hit, day, class);
-            recent.store(Some(cell));
+            recent.store(Some(self.count_in_map(&probe)));
         }
         hit.state.last_use.record(hit.now, hit.ip, hit.user_agent);
     }
 
     /// Counts one request through the map (its counter made when it has none); returns the
     /// counter, for the key's cache.
-    fn count_in_map(&self, hit: &Hit<'_>, day: u32, class: u8) -> Arc<CounterCell> {
-        let probe = CounterParts {
-            key: hit.key.as_bytes(),
-            day,
-            deployment: hit.deployment,
-            operation: hit.operation,
-            class,
-        };
+    fn count_in_map(&self, probe: &CounterParts<'_>) -> Arc<CounterCell> {
         loop {
-            let cell = match self.counters.get(&probe as &dyn CounterIdentity) {
+            let cell = match self.counters.get(probe as &dyn CounterIdentity) {
                 Some(c) => c.clone(),
                 None => {
                     let key = CounterKey {
-                        key: KeyId::from(hit.key),
-                        day,
-                        deployment: hit.deployment.clone(),
-                        operation: hit.operation.clone(),
-                        class,
+                        key: KeyId::from(probe.key),
+                        day: probe.day,
+                        deployment: probe.deployment.clone(),
+                        operation: probe.operation.clone(),
+                        class: probe.class,
                     };
                     self.counters
-                        .entry(key)
+                        .entry(key.clone())
                         .or_insert_with(|| {
                             Arc::new(CounterCell {
                                 count: AtomicU64::new(0),
-                                day,
-                                class,
-                                deployment: hit.deployment.clone(),
-                                operation: hit.operation.clone(),
+                                identity: key,
                             })
                         })
                         .clone()
