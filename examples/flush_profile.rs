@@ -13,21 +13,16 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
     let usage = Usage::new(Arc::new(Store::open(&dir.path().join("u.redb"))?))?;
-    let keys: Vec<(String, _)> = (0..n)
-        .map(|i| {
-            let id = format!("key_{i:016}");
-            let state = usage.key_states().of_id(&id);
-            (id, state)
-        })
+    let states: Vec<_> = (0..n)
+        .map(|i| usage.key_states().of_id(&format!("key_{i:016}")))
         .collect();
     let op = Operation::Method(Method::GET);
     let dep: Arc<str> = Arc::from("app");
     let ua = HeaderValue::from_static("wrk/4.1");
     for round in 0..5 {
         let now = chrono::Utc::now().timestamp();
-        for (id, state) in &keys {
+        for state in &states {
             usage.record(Hit {
-                key: id,
                 state,
                 deployment: &dep,
                 operation: &op,

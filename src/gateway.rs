@@ -330,7 +330,6 @@ impl Gateway {
         }
         if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation(rt)) {
             self.usage.record(Hit {
-                key: key.id_str(),
                 state: self.usage.key_states().of(key),
                 deployment: &d.name,
                 operation: &op,

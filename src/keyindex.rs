@@ -38,6 +38,11 @@ impl KeyId {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or("")
     }
+
+    /// The id's bytes (no UTF-8 check).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl Hash for KeyId {

@@ -12,14 +12,33 @@ use crate::ratelimit::LimiterCell;
 use crate::usage::{LastUseCell, RecentCounter};
 
 /// The mutable per-key state.
-#[derive(Default)]
 pub struct KeyState {
+    /// The key's id: the one copy its usage counters share, so a request's counter matches
+    /// by pointer (no read of the id's bytes).
+    id: KeyId,
     /// The rate limiter at the key's current limit.
     pub limiter: LimiterCell,
     /// When, from where and with which user agent the key was last used.
     pub last_use: LastUseCell,
     /// The usage counter of its last request.
     pub recent: RecentCounter,
+}
+
+impl KeyState {
+    /// Fresh state for the key with id `id`.
+    pub fn new(id: KeyId) -> Self {
+        KeyState {
+            id,
+            limiter: LimiterCell::default(),
+            last_use: LastUseCell::default(),
+            recent: RecentCounter::default(),
+        }
+    }
+
+    /// The key's id.
+    pub fn id(&self) -> &KeyId {
+        &self.id
+    }
 }
 
 /// The slot a live key caches its state in (empty until the key's first request, so idle
@@ -49,8 +68,8 @@ impl KeyStates {
     /// The registry's state for `id`, made when it has none.
     fn registered(&self, id: KeyId) -> Arc<KeyState> {
         self.map
-            .entry(id)
-            .or_insert_with(|| Arc::new(KeyState::default()))
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(KeyState::new(id)))
             .clone()
     }
 

@@ -98,7 +98,7 @@ struct CounterKey {
 /// lookup clones (and reference-counts) nothing.
 #[derive(Clone, Copy)]
 struct CounterParts<'a> {
-    key: &'a str,
+    key: &'a KeyId,
     day: u32,
     deployment: &'a Arc<str>,
     operation: &'a Operation,
@@ -109,6 +109,7 @@ impl PartialEq for CounterParts<'_> {
     fn eq(&self, o: &Self) -> bool {
         self.day == o.day
             && self.class == o.class
+            // A key's counters share its state's id: this is a pointer compare.
             && self.key == o.key
             && (Arc::ptr_eq(self.deployment, o.deployment) || self.deployment == o.deployment)
             && self.operation == o.operation
@@ -124,7 +125,7 @@ trait CounterIdentity {
 impl CounterIdentity for CounterKey {
     fn parts(&self) -> CounterParts<'_> {
         CounterParts {
-            key: self.key.as_str(),
+            key: &self.key,
             day: self.day,
             deployment: &self.deployment,
             operation: &self.operation,
@@ -320,9 +321,7 @@ struct StoredLastUse {
 
 /// One request to count.
 pub struct Hit<'a> {
-    /// Key id.
-    pub key: &'a str,
-    /// The key's state (from [`Usage::key_states`]), for its last use.
+    /// The key's state (from [`Usage::key_states`]): its id, cached counter and last use.
     pub state: &'a KeyState,
     /// Deployment name.
     pub deployment: &'a Arc<str>,
@@ -388,7 +387,7 @@ impl Usage {
     /// Counts one request. No disk, no await, no allocation once the counter exists.
     pub fn record(&self, hit: Hit<'_>) {
         let probe = CounterParts {
-            key: hit.key,
+            key: hit.state.id(),
             day: day_number(hit.now),
             deployment: hit.deployment,
             operation: hit.operation,
@@ -413,7 +412,7 @@ impl Usage {
                 Some(c) => c.clone(),
                 None => {
                     let key = CounterKey {
-                        key: KeyId::from(probe.key),
+                        key: probe.key.clone(),
                         day: probe.day,
                         deployment: probe.deployment.clone(),
                         operation: probe.operation.clone(),
@@ -751,14 +750,12 @@ mod tests {
 
     /// A `200` from 127.0.0.1 without a user agent.
     fn ok_hit<'a>(
-        key: &'a str,
         state: &'a KeyState,
         deployment: &'a Arc<str>,
         operation: &'a Operation,
         now: i64,
     ) -> Hit<'a> {
         Hit {
-            key,
             state,
             deployment,
             operation,
@@ -794,7 +791,7 @@ mod tests {
         let op = Operation::Method(Method::GET);
         let now = Utc::now().timestamp();
         for at in [now - 3 * 86_400, now - 86_400, now] {
-            usage.record(ok_hit("key_a", &state, &dep, &op, at));
+            usage.record(ok_hit(&state, &dep, &op, at));
         }
         assert_eq!(usage.counters.len(), 3);
         assert_eq!(usage.flush().unwrap(), 3);
@@ -815,7 +812,7 @@ mod tests {
         let now = Utc::now().timestamp();
         for i in 0..10 {
             let op = if i % 2 == 0 { &get } else { &post };
-            let mut hit = ok_hit("key_a", &state, &dep, op, now);
+            let mut hit = ok_hit(&state, &dep, op, now);
             hit.status = if i < 6 { 200 } else { 503 };
             usage.record(hit);
         }
@@ -832,13 +829,36 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_counters_share_its_states_id() {
+        let (_dir, _store, usage) = usage_in_temp_store();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let op = Operation::Method(Method::GET);
+        let now = Utc::now().timestamp();
+        usage.record(ok_hit(&state, &dep, &op, now));
+        usage.record(ok_hit(&state, &dep, &op, now - 86_400));
+        assert_eq!(usage.counters.len(), 2);
+        // The per-request match is then a pointer compare, with no read of the id's bytes.
+        for c in usage.counters.iter() {
+            assert_eq!(
+                c.key().key.as_bytes().as_ptr(),
+                state.id().as_bytes().as_ptr()
+            );
+            assert_eq!(
+                c.value().identity.key.as_bytes().as_ptr(),
+                state.id().as_bytes().as_ptr()
+            );
+        }
+    }
+
+    #[test]
     fn a_request_holding_a_dropped_counter_counts_through_the_map() {
         let (_dir, store, usage) = usage_in_temp_store();
         let state = usage.key_states().of_id("key_a");
         let dep: Arc<str> = Arc::from("app");
         let op = Operation::Method(Method::GET);
         let yesterday = Utc::now().timestamp() - 86_400;
-        usage.record(ok_hit("key_a", &state, &dep, &op, yesterday));
+        usage.record(ok_hit(&state, &dep, &op, yesterday));
         assert_eq!(usage.flush().unwrap(), 1);
         assert_eq!(
             usage.counters.len(),
@@ -847,7 +867,7 @@ mod tests {
         );
         // The key's cache still holds the dropped counter (a request from just before
         // midnight): its count must reach the store all the same.
-        usage.record(ok_hit("key_a", &state, &dep, &op, yesterday));
+        usage.record(ok_hit(&state, &dep, &op, yesterday));
         assert_eq!(usage.pending(), 1);
         assert_eq!(usage.flush().unwrap(), 1);
         assert_eq!(stored_total(&store, "key_a"), 2);
@@ -894,7 +914,7 @@ mod tests {
                 let op = Operation::Method(Method::GET);
                 for _ in 0..N {
                     let now = Utc::now().timestamp();
-                    usage.record(ok_hit("key_a", &state, &dep, &op, now));
+                    usage.record(ok_hit(&state, &dep, &op, now));
                     recorded.fetch_add(1, Ordering::SeqCst);
                 }
             })
@@ -945,7 +965,7 @@ mod tests {
             let state = usage.key_states().of_id(id);
             for i in 0..200u32 {
                 let op = Operation::Route(Arc::from(format!("op{}", i % 50)));
-                usage.record(ok_hit(id, &state, &dep, &op, Utc::now().timestamp()));
+                usage.record(ok_hit(&state, &dep, &op, Utc::now().timestamp()));
             }
             let barrier = Arc::new(std::sync::Barrier::new(2));
             let (u, b) = (usage.clone(), barrier.clone());

@@ -1050,7 +1050,6 @@ fn pruning_removes_days_past_retention_and_keeps_the_rest() {
     let now = Utc::now().timestamp();
     let day = 86_400;
     let hit = |ago_days: i64, status: u16| Hit {
-        key: id,
         state: &state,
         deployment: &dep,
         operation: &op,
