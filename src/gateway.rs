@@ -3,6 +3,7 @@
 //! usage and metrics → access log.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -217,55 +218,63 @@ impl Gateway {
 
     /// Handles one data-plane request: one access-log line, usage and metrics. `direct` is
     /// the client connection's own upstream connection.
-    pub async fn handle(
-        &self,
-        req: Request<RequestBody>,
+    // Not an `async fn`: that copies its arguments into locals at the start, so its future
+    // holds the request twice; the block below holds it once and lends it down the chain.
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle<'a, 'd>(
+        &'a self,
+        mut req: Request<RequestBody>,
         conn: ConnInfo,
-        direct: &Arc<DirectUpstream>,
-    ) -> Answer {
-        let rt = self.runtime.load_full();
-        // The access line needs these after the request is gone; copy them only when it is
-        // written.
-        let logged = tracing::enabled!(target: "keygate::access", tracing::Level::INFO)
-            .then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
-        let ip = proxy::client_ip(
-            conn.peer.ip(),
-            req.headers(),
-            &rt.config.server.trusted_proxies,
-        );
-        let user_agent = req.headers().get(header::USER_AGENT).cloned();
-        let mut out = Outcome::default();
-        let resp = match self.process(&rt, req, &conn, direct, ip, &mut out).await {
-            Ok(r) => r,
-            Err(e) => {
-                out.fail(&e);
-                e.to_response()
-            }
-        };
-        let status = resp.status().as_u16();
-        self.account(&rt, &out, status, ip, user_agent.as_ref());
-        let answer = Answer {
-            response: resp,
-            rate: out.rate,
-        };
-        let Some((method, uri, start)) = logged else {
-            return answer;
-        };
-        let dep = out.deployment.and_then(|i| rt.deployments.get(i));
-        tracing::info!(
-            target: "keygate::access",
-            client_ip = %ip,
-            method = %method,
-            path = uri.path(),
-            status,
-            key_id = out.key.as_ref().map(|k| k.id_str()),
-            deployment = dep.map(|d| &*d.name),
-            operation = out.operation(&rt).as_deref().map(Operation::as_str),
-            error = out.error,
-            latency_us = start.elapsed().as_micros() as u64,
-            "request"
-        );
-        answer
+        direct: &'d Arc<DirectUpstream>,
+    ) -> impl Future<Output = Answer> + Send + use<'a, 'd> {
+        async move {
+            let rt = self.runtime.load_full();
+            // The access line needs these after the request is gone; copy them only when it is
+            // written.
+            let logged = tracing::enabled!(target: "keygate::access", tracing::Level::INFO)
+                .then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
+            let ip = proxy::client_ip(
+                conn.peer.ip(),
+                req.headers(),
+                &rt.config.server.trusted_proxies,
+            );
+            let user_agent = req.headers().get(header::USER_AGENT).cloned();
+            let mut out = Outcome::default();
+            let resp = match self
+                .process(&rt, &mut req, &conn, direct, ip, &mut out)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    out.fail(&e);
+                    e.to_response()
+                }
+            };
+            let status = resp.status().as_u16();
+            self.account(&rt, &out, status, ip, user_agent.as_ref());
+            let answer = Answer {
+                response: resp,
+                rate: out.rate,
+            };
+            let Some((method, uri, start)) = logged else {
+                return answer;
+            };
+            let dep = out.deployment.and_then(|i| rt.deployments.get(i));
+            tracing::info!(
+                target: "keygate::access",
+                client_ip = %ip,
+                method = %method,
+                path = uri.path(),
+                status,
+                key_id = out.key.as_ref().map(|k| k.id_str()),
+                deployment = dep.map(|d| &*d.name),
+                operation = out.operation(&rt).as_deref().map(Operation::as_str),
+                error = out.error,
+                latency_us = start.elapsed().as_micros() as u64,
+                "request"
+            );
+            answer
+        }
     }
 
     /// Credential → live key under the per-IP failed-auth lockout, shared by the data plane
@@ -363,7 +372,7 @@ impl Gateway {
     async fn process(
         &self,
         rt: &Runtime,
-        req: Request<RequestBody>,
+        req: &mut Request<RequestBody>,
         conn: &ConnInfo,
         direct: &Arc<DirectUpstream>,
         ip: IpAddr,
@@ -372,7 +381,7 @@ impl Gateway {
         let cfg = &rt.config;
         if let Some(fa) = cfg.auth.forward_auth_path.as_deref() {
             if router::segment_prefix(req.uri().path(), fa) {
-                return self.forward_auth(rt, &req, fa, ip, out);
+                return self.forward_auth(rt, req, fa, ip, out);
             }
         }
         let (m, key) = self.admit(
@@ -380,7 +389,7 @@ impl Gateway {
             req.method(),
             req.uri(),
             req.headers(),
-            request_host(&req),
+            request_host(req),
             ip,
             out,
         )?;
@@ -461,10 +470,13 @@ impl Gateway {
         Ok(key)
     }
 
+    /// Sends the admitted request upstream. The request is borrowed, not moved, down this
+    /// chain (each async layer would otherwise hold its own copy, and every copy is moved
+    /// per request); only the paths that need it owned (hyper's, echo) take it out.
     async fn forward(
         &self,
         rt: &Runtime,
-        req: Request<RequestBody>,
+        req: &mut Request<RequestBody>,
         conn: &ConnInfo,
         direct: &Arc<DirectUpstream>,
         m: &RouteMatch<'_>,
@@ -472,16 +484,14 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         let cfg = &rt.config;
         let d = m.deployment;
-        let upgrade = proxy::is_upgrade_request(&req);
-        let (mut parts, incoming) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
+        let upgrade = proxy::is_upgrade_request(req);
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let rewrite = proxy::Rewrite::new(
-            &mut parts.headers,
+            req.headers_mut(),
             conn,
             host.as_ref(),
             &cfg.server.trusted_proxies,
@@ -490,13 +500,14 @@ impl Gateway {
             upgrade,
         );
 
+        let uri = req.uri();
         let path = if d.strip_prefix {
-            router::strip_segment_prefix(parts.uri.path(), &d.path_prefix)
+            router::strip_segment_prefix(uri.path(), &d.path_prefix)
         } else {
-            parts.uri.path()
+            uri.path()
         };
         let stripped_query;
-        let query = match (&cfg.auth.query_param, parts.uri.query()) {
+        let query = match (&cfg.auth.query_param, uri.query()) {
             (Some(name), Some(q)) if !cfg.auth.forward_key => {
                 stripped_query = proxy::strip_query_param(q, name);
                 stripped_query.as_deref()
@@ -509,8 +520,7 @@ impl Gateway {
             runtime.and_then(|r| r.client.as_ref().zip(r.target.as_ref())),
         ) {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
-                parts.uri = proxy::origin_form(&parts.uri, base_path, path, query)?;
-                let req = Request::from_parts(parts, incoming);
+                *req.uri_mut() = proxy::origin_form(uri, base_path, path, query)?;
                 proxy::forward(client, direct, target, req, rewrite, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
@@ -519,11 +529,12 @@ impl Gateway {
                     Some(q) => format!("{path}?{q}"),
                     None => path.to_string(),
                 };
-                parts.uri = pq
+                *req.uri_mut() = pq
                     .parse()
                     .map_err(|_| GatewayError::invalid("path", "bad path"))?;
-                rewrite.apply(&mut parts.headers);
-                Ok(Box::pin(crate::echo::respond(Request::from_parts(parts, incoming))).await)
+                rewrite.apply(req.headers_mut());
+                let req = std::mem::replace(req, Request::new(RequestBody::Empty));
+                Ok(Box::pin(crate::echo::respond(req)).await)
             }
         }
     }

@@ -533,109 +533,113 @@ fn write_date(out: &mut Vec<u8>) {
 /// Writes the response. `Ok(true)`: it went out whole and framed, so the connection can
 /// carry the next request; `Ok(false)`: its body broke off (the client sees it cut short, and
 /// the connection must close).
-async fn write_response<S: AsyncWrite + Unpin>(
-    io: &mut S,
-    out: &mut Vec<u8>,
-    guard: &mut Guard,
+// Not an `async fn`, whose future would hold the answer twice (see `Gateway::handle`).
+#[allow(clippy::manual_async_fn)]
+fn write_response<'a, S: AsyncWrite + Unpin>(
+    io: &'a mut S,
+    out: &'a mut Vec<u8>,
+    guard: &'a mut Guard,
     answer: Answer,
     is_head: bool,
     close: bool,
-) -> io::Result<bool> {
-    let (parts, mut body) = answer.response.into_parts();
-    out.clear();
-    let extras = HeadExtras {
-        raw: crate::body::raw_head(&body),
-        rate: answer.rate,
-        exact: body.size_hint().exact(),
-        is_head,
-        close,
-    };
-    let framing = encode_head(out, &parts, extras);
-    drop(parts);
-    if framing == Framing::None || (body.is_end_stream() && framing != Framing::Chunked) {
-        write_all(io, out, guard).await?;
-        return Ok(
-            framing != Framing::UntilClose && !matches!(framing, Framing::Length(n) if n != 0)
-        );
-    }
-    let mut sent: u64 = 0;
-    let mut trailers: Option<HeaderMap> = None;
-    let ended_whole = loop {
-        // Take what the body has ready without waiting; wait only with nothing left to write.
-        let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
-        let next = match polled {
-            Poll::Ready(next) => next,
-            Poll::Pending => {
-                if !out.is_empty() {
-                    write_all(io, out, guard).await?;
-                    out.clear();
-                }
-                match next_frame(&mut body, guard).await {
-                    Some(next) => next,
-                    None => return Err(io::ErrorKind::TimedOut.into()),
-                }
-            }
+) -> impl Future<Output = io::Result<bool>> + 'a {
+    async move {
+        let (parts, mut body) = answer.response.into_parts();
+        out.clear();
+        let extras = HeadExtras {
+            raw: crate::body::raw_head(&body),
+            rate: answer.rate,
+            exact: body.size_hint().exact(),
+            is_head,
+            close,
         };
-        guard.touch();
-        let frame: Frame<Bytes> = match next {
-            None => break true,
-            Some(Ok(frame)) => frame,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "response body broke off");
-                break false;
-            }
-        };
-        let frame = match frame.into_data() {
-            Ok(data) => data,
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    trailers.get_or_insert_with(HeaderMap::new).extend(t);
+        let framing = encode_head(out, &parts, extras);
+        drop(parts);
+        if framing == Framing::None || (body.is_end_stream() && framing != Framing::Chunked) {
+            write_all(io, out, guard).await?;
+            return Ok(
+                framing != Framing::UntilClose && !matches!(framing, Framing::Length(n) if n != 0)
+            );
+        }
+        let mut sent: u64 = 0;
+        let mut trailers: Option<HeaderMap> = None;
+        let ended_whole = loop {
+            // Take what the body has ready without waiting; wait only with nothing left to write.
+            let polled = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            let next = match polled {
+                Poll::Ready(next) => next,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        write_all(io, out, guard).await?;
+                        out.clear();
+                    }
+                    match next_frame(&mut body, guard).await {
+                        Some(next) => next,
+                        None => return Err(io::ErrorKind::TimedOut.into()),
+                    }
                 }
+            };
+            guard.touch();
+            let frame: Frame<Bytes> = match next {
+                None => break true,
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "response body broke off");
+                    break false;
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                    }
+                    continue;
+                }
+            };
+            if frame.is_empty() {
                 continue;
             }
-        };
-        if frame.is_empty() {
-            continue;
-        }
-        sent += frame.len() as u64;
-        if let Framing::Length(n) = framing {
-            if sent > n {
-                tracing::debug!("response body longer than its content-length");
-                break false;
+            sent += frame.len() as u64;
+            if let Framing::Length(n) = framing {
+                if sent > n {
+                    tracing::debug!("response body longer than its content-length");
+                    break false;
+                }
             }
-        }
-        if framing == Framing::Chunked {
-            write_chunk_size(out, frame.len());
-        }
-        if out.len() + frame.len() <= COALESCE {
-            out.extend_from_slice(&frame);
-        } else {
+            if framing == Framing::Chunked {
+                write_chunk_size(out, frame.len());
+            }
+            if out.len() + frame.len() <= COALESCE {
+                out.extend_from_slice(&frame);
+            } else {
+                write_all(io, out, guard).await?;
+                out.clear();
+                write_all(io, &frame, guard).await?;
+            }
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        };
+        let whole = ended_whole
+            && match framing {
+                Framing::Length(n) => sent == n,
+                Framing::Chunked => {
+                    out.extend_from_slice(b"0\r\n");
+                    for (name, value) in trailers.iter().flatten() {
+                        write_header_line(out, name, value.as_bytes());
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    true
+                }
+                Framing::None | Framing::UntilClose => false,
+            };
+        if !out.is_empty() {
             write_all(io, out, guard).await?;
             out.clear();
-            write_all(io, &frame, guard).await?;
         }
-        if framing == Framing::Chunked {
-            out.extend_from_slice(b"\r\n");
-        }
-    };
-    let whole = ended_whole
-        && match framing {
-            Framing::Length(n) => sent == n,
-            Framing::Chunked => {
-                out.extend_from_slice(b"0\r\n");
-                for (name, value) in trailers.iter().flatten() {
-                    write_header_line(out, name, value.as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
-                true
-            }
-            Framing::None | Framing::UntilClose => false,
-        };
-    if !out.is_empty() {
-        write_all(io, out, guard).await?;
-        out.clear();
+        Ok(whole)
     }
-    Ok(whole)
 }
 
 /// The body's next frame; `None` when it stays silent for the idle timeout.

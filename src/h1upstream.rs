@@ -603,7 +603,9 @@ pub async fn exchange(
     loop {
         if !checkout.conn.as_mut().is_some_and(|c| c.still_open()) {
             reused = false;
-            checkout.conn = match connect(target).await? {
+            // Boxed: a new connection is the rare case, and its future would otherwise
+            // enlarge (and make costlier to move) every request's.
+            checkout.conn = match Box::pin(connect(target)).await? {
                 Some(conn) => Some(conn),
                 None => return Ok(None),
             };

@@ -1,6 +1,7 @@
 //! Forwarding: header rewriting both ways (hop-by-hop, credential, X-Forwarded-*, identity
 //! headers), the pooled upstream client, streaming bodies and HTTP upgrades.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -729,43 +730,49 @@ async fn send_direct(
 /// (so a long upload that keeps moving is not cut, and a stalled one is). Plain-HTTP
 /// requests go on the client connection's own upstream connection (`direct`); upgrade
 /// requests go through the pool and are spliced to the upstream's upgraded connection.
-pub async fn forward(
-    client: &UpstreamClient,
-    direct: &Arc<DirectUpstream>,
-    target: &UpstreamTarget,
-    req: Request<RequestBody>,
-    rewrite: Rewrite<'_>,
+// Not an `async fn`, whose future would hold each argument twice (see `Gateway::handle`).
+#[allow(clippy::manual_async_fn)]
+pub fn forward<'a>(
+    client: &'a UpstreamClient,
+    direct: &'a Arc<DirectUpstream>,
+    target: &'a UpstreamTarget,
+    req: &'a mut Request<RequestBody>,
+    rewrite: Rewrite<'a>,
     timeout: Duration,
-) -> Result<Response<Body>, GatewayError> {
-    let upgrade = is_upgrade_request(&req);
-    if !upgrade
-        && target.scheme == Scheme::HTTP
-        && http_body::Body::is_end_stream(req.body())
-        && req.method() != Method::CONNECT
-    {
-        // The commonest request, without a body: keygate's own HTTP/1.1 exchange.
-        let sent = crate::h1upstream::exchange(
-            direct,
-            target,
-            req.method(),
-            req.uri(),
-            req.headers(),
-            // Applied while writing the request head: the header map stays as it came.
-            &rewrite,
-            timeout,
-        )
-        .await?;
-        if let Some(resp) = sent {
-            // Its fields travel with the body, hop-by-hop ones already left out.
-            return Ok(resp.map(body::raw));
+) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send + 'a {
+    async move {
+        let upgrade = is_upgrade_request(req);
+        if !upgrade
+            && target.scheme == Scheme::HTTP
+            && http_body::Body::is_end_stream(req.body())
+            && req.method() != Method::CONNECT
+        {
+            // The commonest request, without a body: keygate's own HTTP/1.1 exchange.
+            let sent = crate::h1upstream::exchange(
+                direct,
+                target,
+                req.method(),
+                req.uri(),
+                req.headers(),
+                // Applied while writing the request head: the header map stays as it came.
+                &rewrite,
+                timeout,
+            )
+            .await?;
+            if let Some(resp) = sent {
+                // Its fields travel with the body, hop-by-hop ones already left out.
+                return Ok(resp.map(body::raw));
+            }
         }
+        // hyper's path takes the request (its body streams upstream). Boxed: it is the rarer
+        // path, and its futures would otherwise make every request's future larger (and each
+        // move of it costlier).
+        let req = std::mem::replace(req, Request::new(RequestBody::Empty));
+        Box::pin(forward_with_hyper(
+            client, direct, target, req, rewrite, timeout, upgrade,
+        ))
+        .await
     }
-    // Boxed: hyper's path is the rarer one, and its futures would otherwise make every
-    // request's future larger (and each move of it costlier).
-    Box::pin(forward_with_hyper(
-        client, direct, target, req, rewrite, timeout, upgrade,
-    ))
-    .await
 }
 
 /// [`forward`] through hyper's client: requests with a body, upgrades, `https://`, and
