@@ -72,13 +72,14 @@ where
     let mut buf = BytesMut::with_capacity(READ_SIZE);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut fields: Vec<(HeaderName, Range<usize>)> = Vec::new();
+    let mut names = NameCache::default();
     // The first request's head is awaited from accept (slowloris), later ones from their
     // first byte; between requests the idle timeout applies.
     let mut head_since = Some(0);
     loop {
         let shape = loop {
             if !buf.is_empty() {
-                match scan(&buf, &mut fields) {
+                match scan(&buf, &mut fields, &mut names) {
                     Scan::Served(shape) => break shape,
                     Scan::Partial if buf.len() < MAX_HEAD => {}
                     Scan::Partial | Scan::Other => {
@@ -157,9 +158,38 @@ struct Shape {
     close: bool,
 }
 
+/// The header names a connection has sent, for its later requests: `HeaderName::from_bytes`
+/// allocates a lower-cased copy of every name `http` has no constant for (`X-API-Key`, which
+/// nearly every request to keygate carries, among them); a clone of the first costs a
+/// reference count.
+#[derive(Default)]
+struct NameCache(Vec<HeaderName>);
+
+impl NameCache {
+    /// Most names kept per connection.
+    const MAX: usize = 16;
+
+    /// The header name spelled `raw` (any case); `None` when it is not a valid name.
+    fn name(&mut self, raw: &[u8]) -> Option<HeaderName> {
+        // Names are kept lower-cased, and most differ in length: a cheap miss.
+        if let Some(known) = self
+            .0
+            .iter()
+            .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(raw))
+        {
+            return Some(known.clone());
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if self.0.len() < Self::MAX {
+            self.0.push(name.clone());
+        }
+        Some(name)
+    }
+}
+
 /// Parses the head at the front of `buf`; for one served here, `fields` gets its header
 /// names and where their values are.
-fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Scan {
+fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>, names: &mut NameCache) -> Scan {
     let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()
@@ -185,7 +215,7 @@ fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>) -> Scan {
     let mut close = false;
     fields.clear();
     for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+        let Some(name) = names.name(h.name.as_bytes()) else {
             return Scan::Other;
         };
         if name == header::CONTENT_LENGTH {
@@ -666,7 +696,7 @@ mod tests {
     use http::Response;
 
     fn scanned(text: &str) -> Scan {
-        scan(text.as_bytes(), &mut Vec::new())
+        scan(text.as_bytes(), &mut Vec::new(), &mut NameCache::default())
     }
 
     #[test]
@@ -700,10 +730,27 @@ mod tests {
     }
 
     #[test]
+    fn header_names_are_remembered_per_connection_in_any_case() {
+        let mut names = NameCache::default();
+        let first = names.name(b"X-API-Key").unwrap();
+        assert_eq!(first, "x-api-key");
+        assert_eq!(names.name(b"x-api-KEY").unwrap(), "x-api-key");
+        assert_eq!(names.name(b"Host").unwrap(), header::HOST);
+        assert!(names.name(b"bad name").is_none());
+        assert_eq!(names.0.len(), 2, "one entry per name, whatever its case");
+        for i in 0..40 {
+            let raw = format!("x-extra-{i}");
+            assert_eq!(names.name(raw.as_bytes()).unwrap(), raw.as_str());
+        }
+        assert_eq!(names.0.len(), NameCache::MAX, "bounded");
+    }
+
+    #[test]
     fn requests_are_slices_of_the_head() {
         let text = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\nEmpty:\r\n\r\n";
         let mut fields = Vec::new();
-        let Scan::Served(shape) = scan(text.as_bytes(), &mut fields) else {
+        let Scan::Served(shape) = scan(text.as_bytes(), &mut fields, &mut NameCache::default())
+        else {
             panic!("not served");
         };
         assert_eq!(shape.len, text.len());
