@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -213,32 +213,19 @@ impl CounterCell {
 /// it without a map lookup: one pointer hop from the key's state instead of hashing and
 /// probing a map of every key's counters, a few dependent cache misses with many keys.
 #[derive(Default)]
-pub struct RecentCounter {
-    cell: ArcSwapOption<CounterCell>,
-    /// The cell's address, for [`RecentCounter::prefetch`] only: a plain load, where loading
-    /// `cell` costs `ArcSwap`'s protection (~120 instructions). Never dereferenced.
-    address: AtomicUsize,
-}
+pub struct RecentCounter(ArcSwapOption<CounterCell>);
 
 impl RecentCounter {
     /// Starts loading the counter (it is read once the request's status is known; with many
     /// keys it is rarely in cache by then).
     pub fn prefetch(&self) {
-        let at = self.address.load(Ordering::Relaxed) as *const u8;
-        if !at.is_null() {
-            // Every line of it (its identity is compared before the count is bumped). A
-            // stale address (the cell was just replaced) only loads a line for nothing.
+        if let Some(cell) = self.0.load().as_ref() {
+            // Every line of it (its identity is compared before the count is bumped).
+            let at = Arc::as_ptr(cell).cast::<u8>();
             for offset in (0..std::mem::size_of::<CounterCell>()).step_by(64) {
                 crate::prefetch::prefetch(at.wrapping_add(offset));
             }
         }
-    }
-
-    /// Makes `cell` the counter of the key's last request.
-    fn set(&self, cell: Arc<CounterCell>) {
-        self.address
-            .store(Arc::as_ptr(&cell) as usize, Ordering::Relaxed);
-        self.cell.store(Some(cell));
     }
 }
 
@@ -420,14 +407,13 @@ impl Usage {
             operation: hit.operation,
             class: class_of(hit.status),
         };
-        let recent = &hit.state.recent;
+        let recent = &hit.state.recent.0;
         let counted = recent
-            .cell
             .load()
             .as_deref()
             .is_some_and(|c| c.counts(&probe) && c.add());
         if !counted {
-            recent.set(self.count_in_map(&probe));
+            recent.store(Some(self.count_in_map(&probe)));
         }
         hit.state.last_use.record(hit.now, hit.ip, hit.user_agent);
     }
