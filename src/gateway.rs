@@ -521,11 +521,7 @@ impl Gateway {
         ) {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 *req.uri_mut() = proxy::origin_form(uri, base_path, path, query)?;
-                let sent = proxy::forward(client, direct, target, req, rewrite, d.timeout).await;
-                // The answer's head is in and the request is counted next: start loading its
-                // usage counter now (it was last touched by this key's previous request).
-                self.usage.key_states().of(key).recent.prefetch();
-                sent
+                proxy::forward(client, direct, target, req, rewrite, d.timeout).await
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {

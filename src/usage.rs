@@ -215,20 +215,6 @@ impl CounterCell {
 #[derive(Default)]
 pub struct RecentCounter(ArcSwapOption<CounterCell>);
 
-impl RecentCounter {
-    /// Starts loading the counter (it is read once the request's status is known; with many
-    /// keys it is rarely in cache by then).
-    pub fn prefetch(&self) {
-        if let Some(cell) = self.0.load().as_ref() {
-            // Every line of it (its identity is compared before the count is bumped).
-            let at = Arc::as_ptr(cell).cast::<u8>();
-            for offset in (0..std::mem::size_of::<CounterCell>()).step_by(64) {
-                crate::prefetch::prefetch(at.wrapping_add(offset));
-            }
-        }
-    }
-}
-
 /// The client address and user agent of a key's last use.
 #[derive(Debug)]
 struct Seen {
