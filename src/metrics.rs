@@ -13,6 +13,21 @@ const BUCKETS: [f64; 11] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// The same bounds in nanoseconds, which a request's latency is compared with.
+const BUCKET_NANOS: [u64; BUCKETS.len()] = [
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    10_000_000_000,
+];
+
 /// Auth outcomes counted, by code.
 const AUTH_CODES: [&str; 9] = [
     "ok",
@@ -52,6 +67,9 @@ pub struct Metrics {
     unrouted: DeploymentCounters,
     auth: [AtomicU64; AUTH_CODES.len()],
     rate_limited: AtomicU64,
+    /// Requests by the first bucket their latency fits in (Prometheus's cumulative `le`
+    /// buckets are summed at render time: one increment per request, where incrementing
+    /// every bucket a latency fits in was up to 11 atomic adds per request).
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -113,11 +131,9 @@ impl Metrics {
 
     /// Observes an upstream round trip (to response headers).
     pub fn observe_upstream(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(i) = BUCKET_NANOS.iter().position(|&bound| nanos <= bound) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_micros
@@ -165,14 +181,17 @@ impl Metrics {
             self.rate_limited.load(Ordering::Relaxed)
         );
         out.push_str("# HELP keygate_upstream_latency_seconds Time from forwarding to the upstream's response headers.\n# TYPE keygate_upstream_latency_seconds histogram\n");
-        for (i, bound) in BUCKETS.iter().enumerate() {
+        let mut cumulative = 0;
+        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
+            cumulative += bucket.load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "keygate_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {}",
-                self.latency_buckets[i].load(Ordering::Relaxed)
+                "keygate_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = self.latency_count.load(Ordering::Relaxed);
+        // Loaded after the buckets, a request observed meanwhile may have reached its bucket
+        // and not yet the count: +Inf never shows less than the buckets below it.
+        let count = self.latency_count.load(Ordering::Relaxed).max(cumulative);
         let _ = writeln!(
             out,
             "keygate_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -216,4 +235,50 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket_lines(m: &Metrics) -> Vec<String> {
+        let gauges = Gauges {
+            keys_loaded: 0,
+            usage_pending: 0,
+            usage_flush_seconds: 0.0,
+        };
+        m.render(&gauges)
+            .lines()
+            .filter(|l| l.starts_with("keygate_upstream_latency_seconds_bucket"))
+            .map(|l| {
+                l.trim_start_matches("keygate_upstream_latency_seconds_bucket")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn latency_buckets_are_cumulative_and_bounds_inclusive() {
+        for (nanos, secs) in BUCKET_NANOS.iter().zip(BUCKETS) {
+            assert_eq!(*nanos as f64 / 1e9, secs);
+        }
+        let m = Metrics::default();
+        for d in [
+            Duration::from_micros(500),
+            Duration::from_millis(1),
+            Duration::from_nanos(1_000_001),
+            Duration::from_millis(20),
+            Duration::from_secs(20),
+        ] {
+            m.observe_upstream(d);
+        }
+        let lines = bucket_lines(&m);
+        assert_eq!(lines.len(), BUCKETS.len() + 1);
+        assert_eq!(lines[0], "{le=\"0.001\"} 2", "a bound holds what equals it");
+        assert_eq!(lines[1], "{le=\"0.005\"} 3");
+        assert_eq!(lines[2], "{le=\"0.01\"} 3");
+        assert_eq!(lines[3], "{le=\"0.025\"} 4");
+        assert_eq!(lines[10], "{le=\"10\"} 4");
+        assert_eq!(lines[11], "{le=\"+Inf\"} 5");
+    }
 }
