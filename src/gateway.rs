@@ -22,6 +22,7 @@ use crate::direct::DirectUpstream;
 use crate::error::GatewayError;
 use crate::keyindex::{KeyIndex, LiveKey};
 use crate::keys::{check_secret_format, SecretHasher};
+use crate::keystate::KeyLines;
 use crate::metrics::{DeploymentCounters, Gauges, Metrics};
 use crate::proxy::{self, ConnInfo, UpstreamClient, UpstreamTarget};
 use crate::ratelimit::{Decision, FailedAuth, KeyLimits};
@@ -521,7 +522,12 @@ impl Gateway {
         ) {
             (Upstream::Http { base_path, .. }, Some((client, target))) => {
                 *req.uri_mut() = proxy::origin_form(uri, base_path, path, query)?;
-                proxy::forward(client, direct, target, req, rewrite, d.timeout).await
+                // Noted now, while in cache; prefetched when the answer's head is in (see
+                // `KeyLines`).
+                let lines = KeyLines::of(key, self.usage.key_states().of(key));
+                proxy::forward(client, direct, target, req, rewrite, d.timeout)
+                    .await
+                    .inspect(|_| lines.prefetch())
             }
             (Upstream::Http { .. }, None) => Err(GatewayError::UpstreamUnavailable),
             (Upstream::Echo, _) => {

@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::keys::{unhex, KeyRecord, Role, SecretDigest};
 use crate::keystate::StateSlot;
+use crate::prefetch::prefetch;
 use crate::units::Limit;
 
 /// A key id (`key_…`) sharing its key's string buffer: cloning it allocates nothing.
@@ -427,19 +428,6 @@ impl LiveKey {
     pub fn scope_list(&self) -> Vec<String> {
         self.scopes().map(str::to_string).collect()
     }
-}
-
-/// Hints the CPU to load the cache line holding `p` (nothing on other architectures).
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of the x86_64 baseline, and a prefetch never faults or reads
-    // memory in a way the program can observe, whatever the address.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// One digest's entry as found by a lookup.

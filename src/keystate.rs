@@ -100,3 +100,44 @@ impl KeyStates {
         self.map.is_empty()
     }
 }
+
+/// Where a request's key, its state and its usage counter are in memory, noted while they
+/// are in cache (at admission) so they can all be prefetched at once when the upstream's
+/// answer arrives: the round trip evicts them, and reading them afterwards went key → state
+/// → counter, one miss after another (the key for its state slot and its reference count).
+/// Only addresses: nothing is dereferenced through them.
+#[derive(Clone, Copy)]
+pub struct KeyLines {
+    key: (usize, usize),
+    state: (usize, usize),
+    counter: Option<(usize, usize)>,
+}
+
+impl KeyLines {
+    /// The lines of `key` (with its `Arc` counts) and its `state`.
+    pub fn of(key: &LiveKey, state: &KeyState) -> Self {
+        // Live keys are shared in an `Arc`, whose reference counts sit just before the value.
+        let counts = 2 * std::mem::size_of::<usize>();
+        KeyLines {
+            key: (
+                (key as *const LiveKey as usize).saturating_sub(counts),
+                counts + std::mem::size_of::<LiveKey>(),
+            ),
+            state: (
+                state as *const KeyState as usize,
+                std::mem::size_of::<KeyState>(),
+            ),
+            counter: state.recent.lines(),
+        }
+    }
+
+    /// Starts loading all of them.
+    pub fn prefetch(&self) {
+        use crate::prefetch::prefetch_range;
+        prefetch_range(self.key.0, self.key.1);
+        prefetch_range(self.state.0, self.state.1);
+        if let Some((at, len)) = self.counter {
+            prefetch_range(at, len);
+        }
+    }
+}

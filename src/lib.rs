@@ -25,6 +25,7 @@ pub mod keystate;
 pub mod logging;
 pub mod manage;
 pub mod metrics;
+pub mod prefetch;
 pub mod proxy;
 pub mod proxyproto;
 pub mod ratelimit;

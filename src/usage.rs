@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -213,7 +213,29 @@ impl CounterCell {
 /// it without a map lookup: one pointer hop from the key's state instead of hashing and
 /// probing a map of every key's counters, a few dependent cache misses with many keys.
 #[derive(Default)]
-pub struct RecentCounter(ArcSwapOption<CounterCell>);
+pub struct RecentCounter {
+    cell: ArcSwapOption<CounterCell>,
+    /// The cell's address, for prefetching only (see `keystate::KeyLines`): a plain load,
+    /// where loading `cell` costs `ArcSwap`'s protection. Never dereferenced.
+    address: AtomicUsize,
+}
+
+impl RecentCounter {
+    /// The address of the counter's memory and its size, for a prefetch hint; `None` before
+    /// the key's first request. It may be stale by the time it is used (another request of
+    /// the key replaced the counter): a prefetch of it then only loads a line for nothing.
+    pub fn lines(&self) -> Option<(usize, usize)> {
+        let at = self.address.load(Ordering::Relaxed);
+        (at != 0).then_some((at, std::mem::size_of::<CounterCell>()))
+    }
+
+    /// Makes `cell` the counter of the key's last request.
+    fn set(&self, cell: Arc<CounterCell>) {
+        self.address
+            .store(Arc::as_ptr(&cell) as usize, Ordering::Relaxed);
+        self.cell.store(Some(cell));
+    }
+}
 
 /// The client address and user agent of a key's last use.
 #[derive(Debug)]
@@ -393,13 +415,14 @@ impl Usage {
             operation: hit.operation,
             class: class_of(hit.status),
         };
-        let recent = &hit.state.recent.0;
+        let recent = &hit.state.recent;
         let counted = recent
+            .cell
             .load()
             .as_deref()
             .is_some_and(|c| c.counts(&probe) && c.add());
         if !counted {
-            recent.store(Some(self.count_in_map(&probe)));
+            recent.set(self.count_in_map(&probe));
         }
         hit.state.last_use.record(hit.now, hit.ip, hit.user_agent);
     }
