@@ -382,10 +382,11 @@ async fn blocking<T: Send + 'static>(
 impl Handler for AdminApi {
     async fn handle(
         &self,
-        req: Request<RequestBody>,
+        req: &mut Request<RequestBody>,
         conn: ConnInfo,
         _direct: &Arc<DirectUpstream>,
     ) -> answer::Answer {
+        let req = std::mem::replace(req, Request::new(RequestBody::Empty));
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let resp = self

@@ -219,15 +219,15 @@ impl Gateway {
 
     /// Handles one data-plane request: one access-log line, usage and metrics. `direct` is
     /// the client connection's own upstream connection.
-    // Not an `async fn`: that copies its arguments into locals at the start, so its future
-    // holds the request twice; the block below holds it once and lends it down the chain.
+    // Not an `async fn`: that copies its arguments into locals at the start (the block below
+    // holds each once).
     #[allow(clippy::manual_async_fn)]
-    pub fn handle<'a, 'd>(
+    pub fn handle<'a, 'd, 'r>(
         &'a self,
-        mut req: Request<RequestBody>,
+        req: &'r mut Request<RequestBody>,
         conn: ConnInfo,
         direct: &'d Arc<DirectUpstream>,
-    ) -> impl Future<Output = Answer> + Send + use<'a, 'd> {
+    ) -> impl Future<Output = Answer> + Send + use<'a, 'd, 'r> {
         async move {
             let rt = self.runtime.load_full();
             // The access line needs these after the request is gone; copy them only when it is
@@ -241,10 +241,7 @@ impl Gateway {
             );
             let user_agent = req.headers().get(header::USER_AGENT).cloned();
             let mut out = Outcome::default();
-            let resp = match self
-                .process(&rt, &mut req, &conn, direct, ip, &mut out)
-                .await
-            {
+            let resp = match self.process(&rt, req, &conn, direct, ip, &mut out).await {
                 Ok(r) => r,
                 Err(e) => {
                     out.fail(&e);

@@ -73,6 +73,10 @@ where
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut fields: Vec<(HeaderName, Range<usize>)> = Vec::new();
     let mut names = NameCache::default();
+    // One request for the connection's life, refilled for each: its header map keeps its
+    // memory from request to request (at most `MAX_HEADERS` fields' worth; a handler that
+    // needs the request owned takes it).
+    let mut req = Request::new(RequestBody::Empty);
     // The first request's head is awaited from accept (slowloris), later ones from their
     // first byte; between requests the idle timeout applies.
     let mut head_since = Some(0);
@@ -104,14 +108,16 @@ where
         };
         head_since = None;
         let head = buf.split_to(shape.len).freeze();
-        let Some(req) = request(&head, shape.method, shape.target, &mut fields) else {
+        if !request(&head, shape.method, shape.target, &mut fields, &mut req) {
             // A target `http::Uri` rejects: hyper answers it (400).
             let mut all = BytesMut::from(&head[..]);
             all.extend_from_slice(&buf);
             return Ended::HandOff(Prefixed::with_prefix(io, all.freeze()));
-        };
+        }
         let is_head = req.method() == Method::HEAD;
-        let answer = handler.handle(req, conn, direct).await;
+        let answer = handler.handle(&mut req, conn, direct).await;
+        // Its target and header values are slices of the head: they go before it does.
+        clear(&mut req);
         drop(head);
         let close_after = shape.close || guard.stopping();
         let whole =
@@ -246,16 +252,20 @@ fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>, names: &mut Na
     })
 }
 
-/// The request for a scanned head; its target and header values are slices of `head`.
-/// `None` for a target `http::Uri` rejects.
+/// Fills `req` (cleared) with a scanned head; its target and header values are slices of
+/// `head`. False for a target `http::Uri` rejects.
 fn request(
     head: &Bytes,
     method: Method,
     target: Range<usize>,
     fields: &mut Vec<(HeaderName, Range<usize>)>,
-) -> Option<Request<RequestBody>> {
-    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    req: &mut Request<RequestBody>,
+) -> bool {
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
+        return false;
+    };
+    let headers = req.headers_mut();
+    headers.reserve(fields.len());
     for (name, span) in fields.drain(..) {
         // SAFETY (of the value's bytes): httparse accepts only HTAB, SP, visible ASCII and
         // obs-text in field values, which is what `HeaderValue` allows (hyper relies on
@@ -263,11 +273,18 @@ fn request(
         let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(span)) };
         headers.append(name, value);
     }
-    let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    Some(req)
+    *req.body_mut() = RequestBody::Empty;
+    true
+}
+
+/// Empties a handled request for the next one, keeping its header map's memory.
+fn clear(req: &mut Request<RequestBody>) {
+    req.headers_mut().clear();
+    *req.uri_mut() = Uri::default();
+    req.extensions_mut().clear();
+    *req.body_mut() = RequestBody::Empty;
 }
 
 /// Why a wait ended early.
@@ -755,11 +772,37 @@ mod tests {
         };
         assert_eq!(shape.len, text.len());
         let head = Bytes::from(text);
-        let req = request(&head, shape.method, shape.target, &mut fields).unwrap();
+        let mut req = Request::new(RequestBody::Empty);
+        assert!(request(
+            &head,
+            shape.method,
+            shape.target,
+            &mut fields,
+            &mut req
+        ));
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()["x-api-key"], "k");
         assert_eq!(req.headers()["host"], "x");
         assert_eq!(req.headers()["empty"], "");
+        // Cleared for the next request on the connection: nothing of this one is left.
+        clear(&mut req);
+        assert!(req.headers().is_empty() && req.uri() == "/");
+        let text = "HEAD /c HTTP/1.1\r\nUser-Agent: u\r\n\r\n";
+        let Scan::Served(shape) = scan(text.as_bytes(), &mut fields, &mut NameCache::default())
+        else {
+            panic!("not served");
+        };
+        let head = Bytes::from(text);
+        assert!(request(
+            &head,
+            shape.method,
+            shape.target,
+            &mut fields,
+            &mut req
+        ));
+        assert_eq!((req.method(), req.uri().path()), (&Method::HEAD, "/c"));
+        assert_eq!(req.headers().len(), 1);
+        assert_eq!(req.headers()["user-agent"], "u");
     }
 
     fn head_of(resp: Response<Body>, is_head: bool, close: bool) -> (String, Framing) {

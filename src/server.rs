@@ -55,9 +55,12 @@ pub struct ConnSettings {
 /// Something that answers requests on a listener.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request; `direct` is the client connection's own upstream connection.
+    /// The request is lent: a handler that needs it owned takes it out (`std::mem::replace`),
+    /// and keygate's own server path reuses what is left (its header map's memory) for the
+    /// connection's next request.
     fn handle(
         &self,
-        req: Request<RequestBody>,
+        req: &mut Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Answer> + Send;
@@ -73,7 +76,7 @@ pub trait Handler: Send + Sync + 'static {
 impl Handler for Gateway {
     fn handle(
         &self,
-        req: Request<RequestBody>,
+        req: &mut Request<RequestBody>,
         conn: ConnInfo,
         direct: &Arc<DirectUpstream>,
     ) -> impl Future<Output = Answer> + Send {
@@ -301,8 +304,9 @@ async fn serve_with_hyper<H, S>(
         svc_activity.on_request();
         let guard = InFlight(svc_activity.clone());
         async move {
+            let mut req = req.map(RequestBody::from);
             let resp = handler
-                .handle(req.map(RequestBody::from), conn, &direct)
+                .handle(&mut req, conn, &direct)
                 .await
                 .into_response();
             drop(guard);
