@@ -762,44 +762,35 @@ mod tests {
         assert_eq!(names.0.len(), NameCache::MAX, "bounded");
     }
 
-    #[test]
-    fn requests_are_slices_of_the_head() {
-        let text = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\nEmpty:\r\n\r\n";
+    /// Scans `text` and fills `req` with it; returns the head the request's slices are of.
+    fn fill(text: &'static str, req: &mut Request<RequestBody>) -> Bytes {
         let mut fields = Vec::new();
         let Scan::Served(shape) = scan(text.as_bytes(), &mut fields, &mut NameCache::default())
         else {
-            panic!("not served");
+            panic!("not served: {text}");
         };
         assert_eq!(shape.len, text.len());
         let head = Bytes::from(text);
+        assert!(request(&head, shape.method, shape.target, &mut fields, req));
+        head
+    }
+
+    #[test]
+    fn requests_are_slices_of_the_head() {
         let mut req = Request::new(RequestBody::Empty);
-        assert!(request(
-            &head,
-            shape.method,
-            shape.target,
-            &mut fields,
-            &mut req
-        ));
+        let head = fill(
+            "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\nEmpty:\r\n\r\n",
+            &mut req,
+        );
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.headers()["x-api-key"], "k");
         assert_eq!(req.headers()["host"], "x");
         assert_eq!(req.headers()["empty"], "");
         // Cleared for the next request on the connection: nothing of this one is left.
         clear(&mut req);
+        drop(head);
         assert!(req.headers().is_empty() && req.uri() == "/");
-        let text = "HEAD /c HTTP/1.1\r\nUser-Agent: u\r\n\r\n";
-        let Scan::Served(shape) = scan(text.as_bytes(), &mut fields, &mut NameCache::default())
-        else {
-            panic!("not served");
-        };
-        let head = Bytes::from(text);
-        assert!(request(
-            &head,
-            shape.method,
-            shape.target,
-            &mut fields,
-            &mut req
-        ));
+        fill("HEAD /c HTTP/1.1\r\nUser-Agent: u\r\n\r\n", &mut req);
         assert_eq!((req.method(), req.uri().path()), (&Method::HEAD, "/c"));
         assert_eq!(req.headers().len(), 1);
         assert_eq!(req.headers()["user-agent"], "u");
