@@ -9,7 +9,8 @@
 #
 # Each keygate gets its own copy of the store and its own ports; a binary may be prefixed
 # with environment settings ("MIMALLOC_ALLOW_THP=1 /tmp/kg"). Cores as in load.sh: wrk on
-# CPU 0, everything else on CPU 1. Prints req/s, p99 and the proxy's CPU time per request.
+# CPU 0, everything else on CPU 1. Prints req/s, p99 and the proxy's CPU time per request,
+# split into user and kernel time, and the upstream's (which it shares the core with).
 # Knobs: ROUNDS=3 DURATION=8 (seconds).
 #
 # A build run later in a round tends to do a little better (measured: a difference of a few
@@ -39,6 +40,7 @@ cleanup() {
 trap cleanup EXIT
 
 taskset -c 1 nginx -p "$DIR" -c "$DIR/nginx-upstream.conf" &
+UPSTREAM_PID=$!
 taskset -c 1 nginx -p "$DIR" -c "$DIR/nginx-proxy.conf" &
 NGINX_PID=$!
 NGINX_PORT=$(awk '/listen/ { sub(";", "", $2); print $2; exit }' "$DIR/nginx-proxy.conf")
@@ -62,24 +64,35 @@ for url in "http://$NGINX_PORT/" "${PORTS[@]/#/http://127.0.0.1:}"; do
     for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.1; done
 done
 
-ticks() { # utime+stime of the pids
-    local t=0 p f
+ticks() { # "user kernel" clock ticks of the pids
+    local u=0 k=0 p f
     for p in "$@"; do
         read -r -a f <<<"$(cut -d')' -f2- "/proc/$p/stat")"
-        t=$((t + f[11] + f[12]))
+        u=$((u + f[11])) k=$((k + f[12]))
     done
-    echo "$t"
+    echo "$u $k"
+}
+upstream() { # the upstream nginx's pids (master and workers)
+    # shellcheck disable=SC2046
+    echo "$UPSTREAM_PID" $(pgrep -P "$UPSTREAM_PID")
 }
 run() { # label url pids...
-    local label=$1 url=$2 t0 t1
+    local label=$1 url=$2 u0 k0 u1 k1 uu0 uk0 uu1 uk1
     shift 2
     KEYS_FILE=$DIR/secrets.txt taskset -c 0 wrk -t1 -c64 -d2s -s "$WRK_LUA" "$url" >/dev/null
-    t0=$(ticks "$@")
+    read -r u0 k0 <<<"$(ticks "$@")"
+    # shellcheck disable=SC2046
+    read -r uu0 uk0 <<<"$(ticks $(upstream))"
     KEYS_FILE=$DIR/secrets.txt taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s "$WRK_LUA" "$url" >"$DIR/ab-wrk.txt"
-    t1=$(ticks "$@")
-    awk -v l="$label" -v dt=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" '$1 == "RESULT" {
+    read -r u1 k1 <<<"$(ticks "$@")"
+    # shellcheck disable=SC2046
+    read -r uu1 uk1 <<<"$(ticks $(upstream))"
+    awk -v l="$label" -v u=$((u1 - u0)) -v k=$((k1 - k0)) -v uu=$((uu1 - uu0)) -v uk=$((uk1 - uk0)) \
+        -v hz="$(getconf CLK_TCK)" '$1 == "RESULT" {
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        printf "%-50s %8.0f req/s  p99 %5.2f ms  CPU %5.2f us/req\n", l, v["rps"], v["p99_us"] / 1000, dt * 1e6 / hz / v["requests"] }' "$DIR/ab-wrk.txt"
+        per = 1e6 / hz / v["requests"]
+        printf "%-40s %8.0f req/s  p99 %5.2f ms  CPU %5.2f us/req (user %4.2f, kernel %4.2f)  upstream user %4.2f, kernel %4.2f\n",
+            l, v["rps"], v["p99_us"] / 1000, (u + k) * per, u * per, k * per, uu * per, uk * per }' "$DIR/ab-wrk.txt"
 }
 for r in $(seq "$ROUNDS"); do
     echo "round $r"
