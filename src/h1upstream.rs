@@ -54,9 +54,6 @@ pub struct RawConn {
     read_size: usize,
     /// The request head being written (kept for its capacity).
     head: Vec<u8>,
-    /// The response fields passed on: each response's are split off it, and once the server
-    /// path has written and dropped them, the memory is reused (no allocation per response).
-    lines: BytesMut,
     /// Bounds the wait for response heads (kept from request to request).
     timer: Option<LazyTimer>,
     _permit: Permit,
@@ -130,7 +127,7 @@ impl RawConn {
             let parsed = if self.buf.is_empty() {
                 None
             } else {
-                parse_head(&mut self.buf, &mut self.lines)?
+                parse_head(&mut self.buf)?
             };
             if let Some(head) = parsed {
                 answered = true;
@@ -356,9 +353,8 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     matches!(name.len(), 2 | 7 | 10 | 16..=19) && NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
-/// Parses a response head off the front of `buf` (`None`: incomplete); the fields passed on
-/// are copied into `lines` and split off it.
-fn parse_head(buf: &mut BytesMut, lines: &mut BytesMut) -> Result<Option<Head>, Failure> {
+/// Parses a response head off the front of `buf` (`None`: incomplete).
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
     let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -400,8 +396,7 @@ fn parse_head(buf: &mut BytesMut, lines: &mut BytesMut) -> Result<Option<Head>, 
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
-    lines.clear();
-    lines.reserve(len);
+    let mut lines = Vec::with_capacity(len);
     let mut length = Ok(None);
     let mut length_beside_chunked = false;
     let mut dated = false;
@@ -430,7 +425,7 @@ fn parse_head(buf: &mut BytesMut, lines: &mut BytesMut) -> Result<Option<Head>, 
         status,
         version,
         raw: RawHead {
-            lines: lines.split().freeze(),
+            lines: Bytes::from(lines),
             length: length.ok().flatten(),
             dated,
         },
@@ -567,7 +562,6 @@ async fn connect(target: &UpstreamTarget) -> Result<Option<Box<RawConn>>, Gatewa
         buf: BytesMut::new(),
         read_size: INITIAL_READ,
         head: Vec::with_capacity(512),
-        lines: BytesMut::new(),
         timer: None,
         _permit: permit,
     })))
@@ -908,7 +902,7 @@ mod tests {
 
     fn head(text: &str) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_head(&mut buf, &mut BytesMut::new()).unwrap().unwrap()
+        parse_head(&mut buf).unwrap().unwrap()
     }
 
     #[test]
@@ -1009,11 +1003,9 @@ mod tests {
     #[test]
     fn head_fields_reach_a_header_map_and_partial_heads_wait() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: 1\r\nx-a: 2\r\n"[..]);
-        assert!(parse_head(&mut buf, &mut BytesMut::new())
-            .unwrap()
-            .is_none());
+        assert!(parse_head(&mut buf).unwrap().is_none());
         buf.extend_from_slice(b"\r\nbody");
-        let h = parse_head(&mut buf, &mut BytesMut::new()).unwrap().unwrap();
+        let h = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(h.status, StatusCode::OK);
         let mut map = HeaderMap::new();
         h.raw.append_to(&mut map);
@@ -1021,28 +1013,7 @@ mod tests {
         assert_eq!(values, ["1", "2"]);
         assert_eq!(&buf[..], b"body");
         let mut junk = BytesMut::from(&b"FOO\r\n\r\n"[..]);
-        assert!(parse_head(&mut junk, &mut BytesMut::new()).is_err());
-    }
-
-    #[test]
-    fn a_connections_passed_on_fields_reuse_one_buffer() {
-        let mut lines = BytesMut::new();
-        let mut addresses = Vec::new();
-        for n in 0..3 {
-            let text = format!("HTTP/1.1 200 OK\r\nx-n: {n}\r\nconnection: keep-alive\r\n\r\n");
-            let mut buf = BytesMut::from(text.as_bytes());
-            let h = parse_head(&mut buf, &mut lines).unwrap().unwrap();
-            assert_eq!(h.raw.lines(), format!("x-n: {n}\r\n").as_bytes());
-            addresses.push(h.raw.lines().as_ptr());
-            // Split off the connection's buffer, not copied out of it.
-            let end = h.raw.lines().as_ptr().wrapping_add(h.raw.lines().len());
-            assert_eq!(end, lines.as_ptr());
-            // The server path writes the fields and drops them before the next response.
-        }
-        assert!(
-            addresses.windows(2).all(|w| w[0] == w[1]),
-            "one allocation for all responses: {addresses:?}"
-        );
+        assert!(parse_head(&mut junk).is_err());
     }
 
     /// Drops `x-drop`, adds `x-extra: 1`.
