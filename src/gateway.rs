@@ -392,9 +392,9 @@ impl Gateway {
             out,
         )?;
         let started = Instant::now();
-        // Boxed: the forwarding future is large, and every enclosing future (process,
-        // handle, the connection's) would otherwise carry and copy it (measured: unboxed,
-        // the moves cost more than the allocation).
+        // Boxed: every enclosing future (process, handle, the connection's) would otherwise
+        // carry and copy the forwarding future. At 2.3 KB, unboxed, the moves cost more than
+        // the allocation; at 728 bytes (round three) the two measured even.
         let result = Box::pin(self.forward(rt, req, conn, direct, &m, key)).await;
         if result.is_ok()
             || matches!(

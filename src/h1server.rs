@@ -252,8 +252,8 @@ fn scan(buf: &[u8], fields: &mut Vec<(HeaderName, Range<usize>)>, names: &mut Na
     })
 }
 
-/// Fills `req` (cleared) with a scanned head; its target and header values are slices of
-/// `head`. False for a target `http::Uri` rejects.
+/// Fills `req` (new, or emptied by [`clear`]: no fields, no body) with a scanned head; its
+/// target and header values are slices of `head`. False for a target `http::Uri` rejects.
 fn request(
     head: &Bytes,
     method: Method,
@@ -275,7 +275,6 @@ fn request(
     }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.body_mut() = RequestBody::Empty;
     true
 }
 
