@@ -1,12 +1,15 @@
 -- wrk script for benches/load.sh.
 -- Sends GET / with an X-API-Key chosen at random from the file named by the
 -- KEYS_FILE environment variable (one secret per line). Requests are formatted
--- once in init() so the per-request cost in wrk is a table lookup.
+-- once in init() so the per-request cost in wrk is a table lookup. With KEY_ORDER=seq the keys
+-- go in file order instead, round and round (a warm-up that reaches every key).
 -- done() prints one machine-readable line:
 --   RESULT requests=N duration_us=N rps=N p50_us=N p90_us=N p99_us=N max_us=N non2xx=N connect_err=N read_err=N write_err=N timeout_err=N
 
 local reqs = {}
 local n = 0
+local sequential = os.getenv("KEY_ORDER") == "seq"
+local next_key = 0
 
 function init(args)
   local path = os.getenv("KEYS_FILE")
@@ -28,6 +31,10 @@ function init(args)
 end
 
 function request()
+  if sequential then
+    next_key = next_key % n + 1
+    return reqs[next_key]
+  end
   return reqs[math.random(n)]
 end
 
