@@ -116,6 +116,14 @@ struct Slot {
     raw_out: bool,
 }
 
+/// `a == b` for upstream authorities, first by address: a connection's target is a clone of
+/// its deployment's (sharing its bytes), so that is nearly always the answer, and
+/// `Authority`'s own comparison ignores ASCII case byte by byte (~250 instructions per
+/// request in the load benchmark).
+fn same_target(a: &Authority, b: &Authority) -> bool {
+    std::ptr::eq(a.as_str(), b.as_str()) || a == b
+}
+
 /// Idle `h1upstream` connections a client connection keeps, to as many upstreams: its
 /// requests may go to several deployments (a load balancer's connection carries anybody's),
 /// and alternating between two must not reconnect every time.
@@ -146,7 +154,7 @@ impl DirectUpstream {
     /// [`DirectUpstream::give_back`] once the response head has arrived.
     pub fn take(&self, target: &Authority) -> Option<Lease> {
         let mut slot = self.lock();
-        if slot.target.as_ref() != Some(target) {
+        if !slot.target.as_ref().is_some_and(|t| same_target(t, target)) {
             return None;
         }
         let sender = slot.sender.as_ref()?;
@@ -175,7 +183,11 @@ impl DirectUpstream {
             return RawTake::Busy;
         }
         slot.raw_out = true;
-        match slot.raw.iter().position(|c| c.target() == target) {
+        match slot
+            .raw
+            .iter()
+            .position(|c| same_target(c.target(), target))
+        {
             Some(i) => RawTake::Idle(slot.raw.remove(i)),
             None => RawTake::Absent,
         }
@@ -211,7 +223,7 @@ impl DirectUpstream {
             return;
         }
         let mut slot = self.lock();
-        if slot.target.as_ref() == Some(target) && slot.sender.is_none() {
+        if slot.target.as_ref().is_some_and(|t| same_target(t, target)) && slot.sender.is_none() {
             slot.sender = Some(lease.sender);
         }
     }
@@ -292,5 +304,18 @@ mod tests {
         ] {
             assert_eq!(super::connect_address(&authority.parse().unwrap()), addr);
         }
+    }
+
+    #[test]
+    fn targets_match_by_address_or_by_value() {
+        use http::uri::Authority;
+        let a: Authority = "127.0.0.1:9000".parse().unwrap();
+        assert!(super::same_target(&a, &a.clone()));
+        // Another copy of the same authority (a reloaded config), in another case.
+        assert!(super::same_target(&a, &"127.0.0.1:9000".parse().unwrap()));
+        let b: Authority = "Backend:80".parse().unwrap();
+        assert!(super::same_target(&b, &"backend:80".parse().unwrap()));
+        assert!(!super::same_target(&a, &"127.0.0.1:9001".parse().unwrap()));
+        assert!(!super::same_target(&a, &b));
     }
 }
