@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 
 use crate::keys::{unhex, KeyRecord, Role, SecretDigest};
 use crate::keystate::StateSlot;
-use crate::prefetch::{prefetch, prefetch_range};
+use crate::prefetch::{prefetch, Lines};
 use crate::units::Limit;
 
 /// A key id (`key_…`) sharing its key's string buffer: cloning it allocates nothing.
@@ -345,10 +345,7 @@ impl LiveKey {
         }
         if let Some(state) = self.state.get() {
             // Every line of it: the limiter sits inline (see `ratelimit::LimiterCell`).
-            prefetch_range(
-                Arc::as_ptr(state) as usize,
-                std::mem::size_of::<crate::keystate::KeyState>(),
-            );
+            Lines::of(&**state).prefetch();
         }
     }
 

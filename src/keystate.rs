@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use dashmap::DashMap;
 
 use crate::keyindex::{KeyId, LiveKey};
+use crate::prefetch::Lines;
 use crate::ratelimit::LimiterCell;
 use crate::usage::{LastUseCell, RecentCounter};
 
@@ -108,9 +109,9 @@ impl KeyStates {
 /// Only addresses: nothing is dereferenced through them.
 #[derive(Clone, Copy)]
 pub struct KeyLines {
-    key: (usize, usize),
-    state: (usize, usize),
-    counter: Option<(usize, usize)>,
+    key: Lines,
+    state: Lines,
+    counter: Option<Lines>,
 }
 
 impl KeyLines {
@@ -119,25 +120,21 @@ impl KeyLines {
         // Live keys are shared in an `Arc`, whose reference counts sit just before the value.
         let counts = 2 * std::mem::size_of::<usize>();
         KeyLines {
-            key: (
+            key: Lines::new(
                 (key as *const LiveKey as usize).saturating_sub(counts),
                 counts + std::mem::size_of::<LiveKey>(),
             ),
-            state: (
-                state as *const KeyState as usize,
-                std::mem::size_of::<KeyState>(),
-            ),
+            state: Lines::of(state),
             counter: state.recent.lines(),
         }
     }
 
     /// Starts loading all of them.
     pub fn prefetch(&self) {
-        use crate::prefetch::prefetch_range;
-        prefetch_range(self.key.0, self.key.1);
-        prefetch_range(self.state.0, self.state.1);
-        if let Some((at, len)) = self.counter {
-            prefetch_range(at, len);
+        self.key.prefetch();
+        self.state.prefetch();
+        if let Some(counter) = self.counter {
+            counter.prefetch();
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::keyindex::{hash_id, KeyId};
 use crate::keys::{rfc3339, LastUsed};
 use crate::keystate::{KeyState, KeyStates};
 use crate::manage::LastUsedSource;
+use crate::prefetch::Lines;
 use crate::store::{Store, StoreError};
 
 /// (key id, day number, deployment, operation, status class) → requests.
@@ -224,9 +225,9 @@ impl RecentCounter {
     /// The address of the counter's memory and its size, for a prefetch hint; `None` before
     /// the key's first request. It may be stale by the time it is used (another request of
     /// the key replaced the counter): a prefetch of it then only loads a line for nothing.
-    pub fn lines(&self) -> Option<(usize, usize)> {
+    pub fn lines(&self) -> Option<Lines> {
         let at = self.address.load(Ordering::Relaxed);
-        (at != 0).then_some((at, std::mem::size_of::<CounterCell>()))
+        (at != 0).then(|| Lines::new(at, std::mem::size_of::<CounterCell>()))
     }
 
     /// Makes `cell` the counter of the key's last request.
