@@ -25,15 +25,20 @@ pub enum CredentialSource {
 /// A credential found in a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Credential<'a> {
-    /// The presented secret.
-    pub secret: &'a str,
+    /// The presented secret: bytes, as sent (a secret is checked byte-wise, so it needs no
+    /// UTF-8 pass; anything that is not one of our keys fails the format check or lookup).
+    pub secret: &'a [u8],
     /// Where it came from.
     pub source: CredentialSource,
 }
 
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| token.trim_ascii())
 }
 
 /// Finds the value of query parameter `name` in `query`.
@@ -52,7 +57,7 @@ pub fn extract_credential<'a>(
     cfg: &AuthConfig,
 ) -> Result<Credential<'a>, GatewayError> {
     let mut found: Option<Credential<'a>> = None;
-    let mut offer = |secret: &'a str, source| -> Result<(), GatewayError> {
+    let mut offer = |secret: &'a [u8], source| -> Result<(), GatewayError> {
         if secret.is_empty() {
             return Ok(());
         }
@@ -66,31 +71,25 @@ pub fn extract_credential<'a>(
         }
     };
     for v in headers.get_all(&cfg.header) {
-        // A value that is not text cannot be one of our keys; it still counts as sent.
-        // (from_utf8 has an ASCII fast path; non-ASCII text fails the format check later.)
-        offer(
-            std::str::from_utf8(v.as_bytes())
-                .map(str::trim)
-                .unwrap_or("\u{0}"),
-            CredentialSource::Header,
-        )?;
+        offer(v.as_bytes().trim_ascii(), CredentialSource::Header)?;
     }
     if cfg.bearer {
         for v in headers.get_all(header::AUTHORIZATION) {
-            if let Some(token) = std::str::from_utf8(v.as_bytes())
-                .ok()
-                .and_then(bearer_token)
-            {
+            if let Some(token) = bearer_token(v.as_bytes()) {
                 offer(token, CredentialSource::Bearer)?;
             }
         }
     }
     if let (Some(name), Some(q)) = (&cfg.query_param, query) {
         if let Some(v) = query_value(q, name) {
-            offer(v, CredentialSource::Query)?;
+            offer(v.as_bytes(), CredentialSource::Query)?;
         }
     }
-    found.ok_or(GatewayError::MissingKey)
+    // Not `ok_or`: that builds the error on every call and drops it out of line.
+    let Some(found) = found else {
+        return Err(GatewayError::MissingKey);
+    };
+    Ok(found)
 }
 
 /// Whether a method is read-only (all a viewer may use).
@@ -117,12 +116,14 @@ impl Verifier<'_> {
     /// first would cost every valid request a CRC to make only the failures cheaper. (A
     /// locked-out address still gets the full check before any hashing: see
     /// `Gateway::identify_guarded`.)
-    pub fn identify(&self, secret: &str, now: i64) -> Result<Arc<LiveKey>, GatewayError> {
+    pub fn identify(&self, secret: &[u8], now: i64) -> Result<Arc<LiveKey>, GatewayError> {
         if check_secret_shape(secret, &self.auth.prefix, &self.auth.environments).is_none() {
             return Err(GatewayError::InvalidKey);
         }
         let digest = self.hasher.digest(secret);
-        let entry = self.index.lookup(&digest).ok_or(GatewayError::InvalidKey)?;
+        let Some(entry) = self.index.lookup(&digest) else {
+            return Err(GatewayError::InvalidKey);
+        };
         entry.key.prefetch();
         if entry.valid_until.is_some_and(|until| now >= until) {
             return Err(GatewayError::InvalidKey);
@@ -197,9 +198,9 @@ mod tests {
             GatewayError::MissingKey
         );
         h.insert("x-api-key", HeaderValue::from_static("a"));
-        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, b"a");
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("bEaReR a"));
-        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, "a");
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, b"a");
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         assert_eq!(
             extract_credential(&h, None, &cfg).unwrap_err(),
@@ -212,7 +213,7 @@ mod tests {
         );
         h.clear();
         let c = extract_credential(&h, Some("x=1&api_key=c"), &cfg).unwrap();
-        assert_eq!((c.secret, c.source), ("c", CredentialSource::Query));
+        assert_eq!((c.secret, c.source), (&b"c"[..], CredentialSource::Query));
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Basic Zm9v"),
@@ -220,6 +221,25 @@ mod tests {
         assert_eq!(
             extract_credential(&h, None, &cfg).unwrap_err(),
             GatewayError::MissingKey
+        );
+        // Bytes that are not text are still a credential sent: offered as they are (trimmed),
+        // to fail the format check later; two different ones are ambiguous.
+        h.clear();
+        h.insert("x-api-key", HeaderValue::from_bytes(b" \xffk\t").unwrap());
+        assert_eq!(extract_credential(&h, None, &cfg).unwrap().secret, b"\xffk");
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xfe").unwrap(),
+        );
+        assert_eq!(
+            extract_credential(&h, None, &cfg).unwrap_err(),
+            GatewayError::AmbiguousCredentials
+        );
+        h.remove("x-api-key");
+        let c = extract_credential(&h, None, &cfg).unwrap();
+        assert_eq!(
+            (c.secret, c.source),
+            (&b"\xfe"[..], CredentialSource::Bearer)
         );
     }
 }

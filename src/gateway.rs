@@ -361,7 +361,9 @@ impl Gateway {
         ip: IpAddr,
         out: &'o mut Outcome,
     ) -> Result<(RouteMatch<'r>, &'o LiveKey), GatewayError> {
-        let m = router::route(&rt.config, host, uri.path(), method).ok_or(GatewayError::NoRoute)?;
+        let Some(m) = router::route(&rt.config, host, uri.path(), method) else {
+            return Err(GatewayError::NoRoute);
+        };
         self.note_route(rt, &m, method, out);
         let key = self.check(rt, headers, uri.query(), &m, method, ip, out)?;
         Ok((m, key))

@@ -103,45 +103,45 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// Checks a presented secret's shape, prefix, environment and checksum without any
-/// lookup. Returns the environment on success.
-pub fn check_secret_format<'a>(
-    secret: &'a str,
+/// lookup. Returns the environment (the configured name) on success.
+pub fn check_secret_format<'e>(
+    secret: impl AsRef<[u8]>,
     prefix: &str,
-    environments: &[String],
-) -> Option<&'a str> {
+    environments: &'e [String],
+) -> Option<&'e str> {
+    let secret = secret.as_ref();
     let env = check_secret_shape(secret, prefix, environments)?;
     // The checksum characters are decoded and compared with the CRC of the rest; the random
     // characters need no check of their own: any byte outside base62 there changes the CRC
     // (and could not match a stored digest anyway).
-    let bytes = secret.as_bytes();
-    let signed = &bytes[..bytes.len() - CHECKSUM_CHARS];
-    (decode_checksum(&bytes[bytes.len() - CHECKSUM_CHARS..])? == crc32fast::hash(signed))
+    let signed = &secret[..secret.len() - CHECKSUM_CHARS];
+    (decode_checksum(&secret[secret.len() - CHECKSUM_CHARS..])? == crc32fast::hash(signed))
         .then_some(env)
 }
 
 /// [`check_secret_format`] without the checksum: length, prefix, environment and separators.
-/// Returns the environment on success.
-pub fn check_secret_shape<'a>(
-    secret: &'a str,
+/// Returns the environment (the configured name) on success.
+pub fn check_secret_shape<'e>(
+    secret: &[u8],
     prefix: &str,
-    environments: &[String],
-) -> Option<&'a str> {
+    environments: &'e [String],
+) -> Option<&'e str> {
     // Byte-wise: prefix and environment equal configured ASCII text at '_' boundaries (the
-    // body is left to the checksum or the digest lookup), so no UTF-8 pass is needed.
-    let bytes = secret.as_bytes();
+    // body is left to the checksum or the digest lookup), so the secret needs no UTF-8 pass.
     let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
     let prefix = prefix.as_bytes();
-    if bytes.len() < prefix.len() + 3 + body_len || !bytes.starts_with(prefix) {
+    if secret.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
         return None;
     }
-    let body_start = bytes.len() - body_len;
-    if bytes[prefix.len()] != b'_' || bytes[body_start - 1] != b'_' {
+    let body_start = secret.len() - body_len;
+    if secret[prefix.len()] != b'_' || secret[body_start - 1] != b'_' {
         return None;
     }
-    let env = &bytes[prefix.len() + 1..body_start - 1];
-    let env = environments.iter().find(|e| e.as_bytes() == env)?;
-    // The environment bytes equal a configured (valid UTF-8) name at a '_' boundary.
-    secret.get(prefix.len() + 1..prefix.len() + 1 + env.len())
+    let env = &secret[prefix.len() + 1..body_start - 1];
+    environments
+        .iter()
+        .find(|e| e.as_bytes() == env)
+        .map(String::as_str)
 }
 
 /// SHA-256 of a message that fits one block (every well-formed secret does): the padded
@@ -200,13 +200,13 @@ impl SecretHasher {
     }
 
     /// The digest of a secret.
-    pub fn digest(&self, secret: &str) -> SecretDigest {
+    pub fn digest(&self, secret: impl AsRef<[u8]>) -> SecretDigest {
+        let secret = secret.as_ref();
         match &self.pepper {
-            None => sha256_short(secret.as_bytes())
-                .unwrap_or_else(|| Sha256::digest(secret.as_bytes()).into()),
+            None => sha256_short(secret).unwrap_or_else(|| Sha256::digest(secret).into()),
             Some(mac) => {
                 let mut mac = mac.clone();
-                mac.update(secret.as_bytes());
+                mac.update(secret);
                 mac.finalize().into_bytes().into()
             }
         }
@@ -509,14 +509,14 @@ mod tests {
         let tail = "A".repeat(38);
         // The env/body split would fall inside the two-byte 'é'.
         assert_eq!(
-            check_secret_format(&format!("kg_aé{tail}"), "kg", &envs()),
+            check_secret_format(format!("kg_aé{tail}"), "kg", &envs()),
             None
         );
         assert_eq!(
-            check_secret_format(&format!("kg_prod_{}é", "A".repeat(37)), "kg", &envs()),
+            check_secret_format(format!("kg_prod_{}é", "A".repeat(37)), "kg", &envs()),
             None
         );
-        assert_eq!(check_secret_format(&"é".repeat(30), "kg", &envs()), None);
+        assert_eq!(check_secret_format("é".repeat(30), "kg", &envs()), None);
     }
 
     #[test]

@@ -551,7 +551,7 @@ impl KeyManager {
                 .map_err(|_| GatewayError::invalid("method", format!("bad method {m:?}")))?,
         };
         let now = Utc::now().timestamp();
-        let key = match verifier.identify(&req.key, now) {
+        let key = match verifier.identify(req.key.as_bytes(), now) {
             Ok(k) => k,
             Err(e) => return Ok(self.verify_answer(&req.key, Some(e))),
         };
