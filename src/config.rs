@@ -1,6 +1,6 @@
 //! `gateway.toml`: parse → validate → an immutable [`Config`]. Every error names file:line:col.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -116,7 +116,23 @@ pub struct RateLimitConfig {
     /// Failed authentications allowed per client IP.
     pub failed_auth_per_ip: Option<Limit>,
     /// Per-role limits overriding the default (`None` = unlimited).
-    pub roles: HashMap<Role, Option<Limit>>,
+    pub roles: RoleLimits,
+}
+
+/// Per-role limits, one slot per role: a request reads one entry (no hashing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoleLimits([Option<Option<Limit>>; 3]);
+
+impl RoleLimits {
+    /// The role's own limit (`Some(None)` = unlimited), if the config sets one.
+    pub fn get(&self, role: Role) -> Option<Option<Limit>> {
+        self.0[role as usize]
+    }
+
+    /// Sets the role's limit (`None` = unlimited).
+    pub fn set(&mut self, role: Role, limit: Option<Limit>) {
+        self.0[role as usize] = Some(limit);
+    }
 }
 
 /// `[log]`.
@@ -646,10 +662,10 @@ impl Config {
         };
 
         let r = &raw.rate_limit;
-        let mut roles = HashMap::new();
+        let mut roles = RoleLimits::default();
         for (role, limit) in &r.roles {
             let role: Role = role.parse().map_err(|e: String| loc.at(limit.span(), e))?;
-            roles.insert(
+            roles.set(
                 role,
                 Limit::parse(limit.get_ref()).map_err(|e| loc.at(limit.span(), e))?,
             );
@@ -822,8 +838,8 @@ impl Config {
     pub fn limit_for(&self, role: Role, own: Option<&Option<Limit>>) -> Option<Limit> {
         match own {
             Some(l) => *l,
-            None => match self.rate_limit.roles.get(&role) {
-                Some(l) => *l,
+            None => match self.rate_limit.roles.get(role) {
+                Some(l) => l,
                 None => self.rate_limit.default,
             },
         }
@@ -888,6 +904,11 @@ mod tests {
             .unwrap();
         assert_eq!(c.limit_for(Role::Viewer, None).unwrap().requests, 5);
         assert_eq!(c.limit_for(Role::Operator, None).unwrap().requests, 10);
+        assert_eq!(c.limit_for(Role::Admin, None).unwrap().requests, 10);
+        let c = parse("[rate_limit.roles]\nadmin = \"none\"\noperator = \"7/1s\"\n").unwrap();
+        assert_eq!(c.limit_for(Role::Admin, None), None);
+        assert_eq!(c.limit_for(Role::Operator, None).unwrap().requests, 7);
+        assert_eq!(c.limit_for(Role::Viewer, None).unwrap().requests, 1000);
         let own = Limit::parse("3/1m").unwrap();
         assert_eq!(c.limit_for(Role::Viewer, Some(&own)).unwrap().requests, 3);
         assert_eq!(c.limit_for(Role::Viewer, Some(&None)), None);

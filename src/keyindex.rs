@@ -721,6 +721,14 @@ mod tests {
         assert_eq!(k.hv_scopes(), "read,data:read");
         assert!(k.allows_deployment("b") && !k.allows_deployment("c"));
         assert!(k.has_scope("data:read") && !k.has_scope("write"));
+        assert!(k.has_scope("read") && !k.has_scope("rea") && !k.has_scope(""));
+        assert!(k.allows_deployment("a") && !k.allows_deployment("a,b"));
+        // One item (no comma to scan for), and the wildcard scope.
+        let mut one = record("s");
+        (one.scopes, one.deployments) = (vec!["*".into()], vec!["app".into()]);
+        let one = LiveKey::from_record(&one);
+        assert!(one.has_scope("anything"));
+        assert!(one.allows_deployment("app") && !one.allows_deployment("ap"));
         let bytes = LiveKey::encode(&r);
         assert!(LiveKey::decode(&bytes[..bytes.len() - 1]).is_none());
         // Identity headers are built from the text unchecked: a control byte (a corrupt
