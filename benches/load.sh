@@ -31,6 +31,9 @@
 #                                 quiet), up to RETRIES times, RETRY_BUDGET seconds in all
 #   SKIP_BUILD=0                  1: use the existing target/release binaries
 #                                 (with CARGO_TARGET_DIR: the binaries of another checkout)
+#   PGO=0                         1: measure the profile-guided build, target/pgo/keygate
+#                                 (made first by benches/pgo.sh, ~10 min; with SKIP_BUILD=1
+#                                 the existing one)
 #   KEEP=0                        1: keep the work directory (configs, logs) at the end
 #
 # Exit status: 0 when every measured run had zero errors and zero non-2xx answers.
@@ -51,6 +54,7 @@ MAX_OTHER=${MAX_OTHER:-15}
 RETRIES=${RETRIES:-1}
 RETRY_BUDGET=${RETRY_BUDGET:-120}
 SKIP_BUILD=${SKIP_BUILD:-0}
+PGO=${PGO:-0}
 KEEP=${KEEP:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,6 +74,7 @@ for v in CONNECTIONS THREADS ROUNDS KEYS LOADGEN_CPU SERVER_CPU MAX_OTHER RETRIE
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 ((ROUNDS >= 1)) || die "ROUNDS must be at least 1"
+[[ $PGO == 0 || $PGO == 1 ]] || die "PGO is 0 or 1 (got '$PGO')"
 secs_of() { # wrk duration (10, 10s, 2m, 1h) -> seconds
     case $1 in
     *s) echo "${1%s}" ;;
@@ -114,9 +119,15 @@ if [[ $SKIP_BUILD != 1 ]]; then
     log "building keygate and the gen_store example (cargo build --release)"
     (cd "$ROOT" && cargo build --release && cargo build --release --example gen_store) ||
         die "cargo build failed (see above)"
+    if [[ $PGO == 1 ]]; then
+        log "building the profile-guided keygate (benches/pgo.sh)"
+        bash "$ROOT/benches/pgo.sh" || die "benches/pgo.sh failed (see above)"
+    fi
 fi
+[[ $PGO == 1 ]] && KEYGATE=$TARGET_DIR/pgo/keygate
 [[ -x $KEYGATE ]] || die "$KEYGATE not found (build it, or unset SKIP_BUILD)"
 KEYGATE_DESC=$("$KEYGATE" --version 2>/dev/null || echo keygate)
+[[ $PGO == 1 ]] && KEYGATE_DESC="$KEYGATE_DESC (profile-guided build)"
 if [[ $SKIP_BUILD != 1 ]] && command -v git >/dev/null 2>&1; then
     KEYGATE_DESC="$KEYGATE_DESC, built from $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo "an unknown commit")"
 else
