@@ -124,14 +124,23 @@ pub struct RateLimitConfig {
 pub struct RoleLimits([Option<Option<Limit>>; 3]);
 
 impl RoleLimits {
+    /// The role's slot (a match, so a new role cannot compile without one).
+    fn slot(role: Role) -> usize {
+        match role {
+            Role::Admin => 0,
+            Role::Operator => 1,
+            Role::Viewer => 2,
+        }
+    }
+
     /// The role's own limit (`Some(None)` = unlimited), if the config sets one.
     pub fn get(&self, role: Role) -> Option<Option<Limit>> {
-        self.0[role as usize]
+        self.0[Self::slot(role)]
     }
 
     /// Sets the role's limit (`None` = unlimited).
     pub fn set(&mut self, role: Role, limit: Option<Limit>) {
-        self.0[role as usize] = Some(limit);
+        self.0[Self::slot(role)] = Some(limit);
     }
 }
 

@@ -723,7 +723,7 @@ mod tests {
         assert!(k.has_scope("data:read") && !k.has_scope("write"));
         assert!(k.has_scope("read") && !k.has_scope("rea") && !k.has_scope(""));
         assert!(k.allows_deployment("a") && !k.allows_deployment("a,b"));
-        // One item (no comma to scan for), and the wildcard scope.
+        // A list of one item, and the wildcard scope.
         let mut one = record("s");
         (one.scopes, one.deployments) = (vec!["*".into()], vec!["app".into()]);
         let one = LiveKey::from_record(&one);
