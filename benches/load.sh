@@ -95,19 +95,9 @@ done
 # ---------------------------------------------------------------------------------------
 # 1. Tools and binaries
 # ---------------------------------------------------------------------------------------
-need=()
-for pair in nginx:nginx haproxy:haproxy wrk:wrk curl:curl taskset:util-linux; do
-    cmd=${pair%%:*} pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || [[ -x /usr/sbin/$cmd ]] || need+=("$pkg")
-done
-if ((${#need[@]})); then
-    [[ $(id -u) == 0 ]] || die "missing ${need[*]}: install them or run as root"
-    log "installing ${need[*]} with apt-get"
-    apt-get update -qq || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null ||
-        die "apt-get install ${need[*]} failed"
-fi
-export PATH=$PATH:/usr/sbin:/sbin
+# shellcheck source=benches/load/tools.sh
+source "$TPL/tools.sh"
+need_tools nginx:nginx haproxy:haproxy wrk:wrk curl:curl taskset:util-linux
 NPROC=$(nproc)
 if ((LOADGEN_CPU >= NPROC || SERVER_CPU >= NPROC)); then
     warn "this machine has $NPROC core(s); using CPU 0 for everything"

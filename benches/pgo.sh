@@ -51,19 +51,9 @@ if [[ ! -x $PROFDATA ]]; then
         die "could not add the llvm-tools component (rustup component add llvm-tools)"
 fi
 [[ -x $PROFDATA ]] || die "$PROFDATA not found after adding llvm-tools"
-need=()
-for pair in nginx:nginx wrk:wrk curl:curl; do
-    cmd=${pair%%:*} pkg=${pair#*:}
-    command -v "$cmd" >/dev/null 2>&1 || [[ -x /usr/sbin/$cmd ]] || need+=("$pkg")
-done
-if ((${#need[@]})); then
-    [[ $(id -u) == 0 ]] || die "missing ${need[*]}: install them or run as root"
-    log "installing ${need[*]} with apt-get"
-    apt-get update -qq || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null ||
-        die "apt-get install ${need[*]} failed"
-fi
-export PATH=$PATH:/usr/sbin:/sbin
+# shellcheck source=benches/load/tools.sh
+source "$TPL/tools.sh"
+need_tools nginx:nginx wrk:wrk curl:curl
 
 # ---------------------------------------------------------------------------------------
 # 1. Instrumented build. Build scripts are instrumented too (RUSTFLAGS reaches them): their
