@@ -178,42 +178,8 @@ start() { # name cmd...: start in the background, record the pid
     LAST_PID=$pid
 }
 
-show_log() { # name
-    printf -- '--- last lines of %s output ---\n' "$1" >&2
-    tail -n 20 "$DIR/$1.out" >&2 || true
-    if [[ -f $DIR/$1.error.log ]]; then tail -n 20 "$DIR/$1.error.log" >&2; fi
-    true
-}
-
-wait_http() { # name pid url: until anything answers on url (10 s)
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < 100; i++)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            show_log "$name"
-            die "$name exited during startup"
-        fi
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) != 000 ]]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    show_log "$name"
-    die "$name did not answer on $url within 10 s"
-}
-
 # shellcheck source=benches/load/ports.sh
 source "$TPL/ports.sh"
-
-render() { # template output
-    sed -e "s|@DIR@|$DIR|g" \
-        -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
-        -e "s|@NGINX_PORT@|$NGINX_PORT|g" \
-        -e "s|@HAPROXY_PORT@|$HAPROXY_PORT|g" \
-        -e "s|@KEYGATE_PORT@|$KEYGATE_PORT|g" \
-        -e "s|@ADMIN_PORT@|$ADMIN_PORT|g" \
-        -e "s|@USER_LINE@|$USER_LINE|g" \
-        "$1" >"$2"
-}
 
 read -r UPSTREAM_PORT NGINX_PORT HAPROXY_PORT KEYGATE_PORT ADMIN_PORT <<<"$(free_ports 5)"
 [[ -n $ADMIN_PORT ]] || die "could not pick free ports"

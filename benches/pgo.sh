@@ -90,11 +90,6 @@ source "$TPL/ports.sh"
 read -r UPSTREAM_PORT KEYGATE_PORT ADMIN_PORT <<<"$(free_ports 3)"
 [[ -n $ADMIN_PORT ]] || die "could not pick free ports"
 if [[ $(id -u) == 0 ]]; then USER_LINE="user root;"; else USER_LINE=""; fi
-render() { # template output
-    sed -e "s|@DIR@|$DIR|g" -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" \
-        -e "s|@KEYGATE_PORT@|$KEYGATE_PORT|g" -e "s|@ADMIN_PORT@|$ADMIN_PORT|g" \
-        -e "s|@USER_LINE@|$USER_LINE|g" "$1" >"$2"
-}
 mkdir -p "$DIR/nginx-upstream-tmp"
 render "$TPL/nginx-upstream.conf.in" "$DIR/nginx-upstream.conf"
 render "$TPL/gateway.toml.in" "$DIR/gateway.toml"
@@ -102,23 +97,14 @@ log "training: a store with $KEYS keys"
 "$GEN_STORE" "$DIR/keygate.redb" "$KEYS" "$DIR/secrets.txt" 2>"$DIR/gen_store.out" ||
     { cat "$DIR/gen_store.out" >&2; die "gen_store failed"; }
 
-wait_http() { # pid url
-    local i
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$1" 2>/dev/null || return 1
-        [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$2" || true) != 000 ]] && return 0
-        sleep 0.1
-    done
-    return 1
-}
-nginx -p "$DIR" -c "$DIR/nginx-upstream.conf" >"$DIR/nginx.out" 2>&1 &
+nginx -p "$DIR" -c "$DIR/nginx-upstream.conf" >"$DIR/nginx-upstream.out" 2>&1 &
 PIDS+=($!)
-wait_http "${PIDS[0]}" "http://127.0.0.1:$UPSTREAM_PORT/" || { cat "$DIR/nginx.out" >&2; die "the upstream did not start"; }
+wait_http nginx-upstream "${PIDS[0]}" "http://127.0.0.1:$UPSTREAM_PORT/"
 LLVM_PROFILE_FILE="$OUT/profiles/keygate-%p.profraw" TOKIO_WORKER_THREADS=1 \
     "$OUT/generate/release/keygate" --config "$DIR/gateway.toml" serve >"$DIR/keygate.out" 2>&1 &
 KG=$!
 PIDS+=("$KG")
-wait_http "$KG" "http://127.0.0.1:$ADMIN_PORT/healthz" || { cat "$DIR/keygate.out" >&2; die "keygate did not start"; }
+wait_http keygate "$KG" "http://127.0.0.1:$ADMIN_PORT/healthz"
 
 URL=http://127.0.0.1:$KEYGATE_PORT/
 load() { KEYS_FILE=$DIR/secrets.txt wrk -t 1 -c 64 -d "$1" -s "$TPL/wrk.lua" "$URL" | awk '/Requests\/sec/ { print $2 }'; }
@@ -132,7 +118,7 @@ done
 log "training: $rps requests/s (instrumented)"
 # TERM: keygate drains and exits normally, which writes the profile.
 kill -TERM "$KG"
-wait "$KG" || die "keygate exited with an error (see $DIR/keygate.out)"
+wait "$KG" || { show_log keygate; die "keygate exited with an error"; }
 compgen -G "$OUT/profiles/keygate-*.profraw" >/dev/null || die "the training run wrote no profile"
 
 # ---------------------------------------------------------------------------------------
