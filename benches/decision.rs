@@ -14,6 +14,11 @@ use keygate::gateway::Outcome;
 use keygate::keys::{KeyRecord, Role, SecretHasher};
 use keygate::proxy::{self, ConnInfo};
 
+// The allocator the keygate binary ships with: where keys land in memory decides much of the
+// 1M-key case.
+#[global_allocator]
+static GLOBAL: keygate::alloc::Allocator = keygate::alloc::Allocator;
+
 #[path = "support/decision_setup.rs"]
 mod decision_setup;
 

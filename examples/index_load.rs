@@ -1,5 +1,6 @@
 //! Measures start-up with a large store: the time to read every key and build the live
-//! index, and the resident memory the index takes per key.
+//! index, the resident memory the index takes per key, and the background move of that memory
+//! onto huge pages.
 //! `cargo run --release --example gen_store -- /tmp/k.redb 1000000 && \
 //!  cargo run --release --example index_load -- /tmp/k.redb`
 
@@ -41,6 +42,19 @@ fn main() -> anyhow::Result<()> {
         (after - before) as f64 / (1 << 20) as f64,
         (after - before) as f64 / n.max(1) as f64
     );
+    // What `keygate serve` then does in the background: move the key memory onto huge pages.
+    if keygate::hugepages::worth_it(n) {
+        match keygate::hugepages::collapse_resident(keygate::hugepages::DEFAULT_MIN_RESIDENT) {
+            Ok(c) => println!(
+                "huge pages: {} of {} resident 2 MiB ranges collapsed in {:.3} s; resident memory then {:.0} bytes per key",
+                c.collapsed,
+                c.eligible,
+                c.took.as_secs_f64(),
+                (rss() - before) as f64 / n.max(1) as f64
+            ),
+            Err(e) => println!("huge pages: {e}"),
+        }
+    }
     drop(index);
     Ok(())
 }

@@ -336,8 +336,9 @@ impl Gateway {
                 .count_auth(if ok { "ok" } else { out.error.unwrap_or("ok") });
         }
         if let (Some(key), Some(d), Some(op)) = (&out.key, dep, out.operation(rt)) {
+            let state = self.usage.key_states().of(key);
             self.usage.record(Hit {
-                state: self.usage.key_states().of(key),
+                state,
                 deployment: &d.name,
                 operation: &op,
                 status,
@@ -345,6 +346,7 @@ impl Gateway {
                 ip,
                 user_agent,
             });
+            key.note_counter(state.recent.address());
         }
     }
 

@@ -19,6 +19,7 @@ pub mod error;
 pub mod gateway;
 pub mod h1server;
 pub mod h1upstream;
+pub mod hugepages;
 pub mod keyindex;
 pub mod keys;
 pub mod keystate;

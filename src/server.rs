@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::direct::DirectUpstream;
 use crate::gateway::Gateway;
 use crate::h1server;
+use crate::hugepages;
 use crate::keyindex::KeyIndex;
 use crate::keys::SecretHasher;
 use crate::manage::{KeyManager, KeySpec};
@@ -693,6 +694,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
     tracing::info!(listen = %admin_addr, "admin API listening");
+    if hugepages::worth_it(count) {
+        hugepages::collapse_in_background();
+    }
     Ok(Running {
         data_addr,
         admin_addr,
@@ -803,9 +807,7 @@ impl LowPriority {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                // On Linux the nice value is per thread; `who = 0` is the calling thread.
-                // SAFETY: setpriority only reads its integer arguments.
-                if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0 {
+                if !crate::workers::lower_thread_priority() {
                     tracing::debug!("cannot lower the usage flush thread's priority");
                 }
                 while let Ok(job) = rx.recv() {

@@ -226,8 +226,12 @@ impl RecentCounter {
     /// the key's first request. It may be stale by the time it is used (another request of
     /// the key replaced the counter): a prefetch of it then only loads a line for nothing.
     pub fn lines(&self) -> Option<Lines> {
-        let at = self.address.load(Ordering::Relaxed);
-        (at != 0).then(|| Lines::new(at, std::mem::size_of::<CounterCell>()))
+        counter_lines(self.address())
+    }
+
+    /// The counter's address (0 before the key's first request); only a hint, see `lines`.
+    pub fn address(&self) -> usize {
+        self.address.load(Ordering::Relaxed)
     }
 
     /// Makes `cell` the counter of the key's last request.
@@ -236,6 +240,12 @@ impl RecentCounter {
             .store(Arc::as_ptr(&cell) as usize, Ordering::Relaxed);
         self.cell.store(Some(cell));
     }
+}
+
+/// The memory of the counter at address `at` (as [`RecentCounter::address`] gave it; 0 for
+/// none), for a prefetch hint.
+pub fn counter_lines(at: usize) -> Option<Lines> {
+    (at != 0).then(|| Lines::new(at, std::mem::size_of::<CounterCell>()))
 }
 
 /// The client address and user agent of a key's last use.

@@ -8,6 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+/// Lowers the calling thread to the lowest scheduling priority (nice 19), so background work
+/// yields to the data plane; false when the system refused.
+pub fn lower_thread_priority() -> bool {
+    // On Linux the nice value is per thread; `who = 0` is the calling thread.
+    // SAFETY: setpriority only reads its integer arguments.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) == 0 }
+}
+
 /// A fixed set of worker threads; they stop when this is dropped.
 pub struct Workers {
     handles: Vec<Handle>,

@@ -1,6 +1,7 @@
 //! The decision set-up shared by `benches/decision.rs` and `examples/decision_profile.rs`
 //! (included by both with `#[path]`): a gateway with `n` keys on the `echo` upstream, and
-//! request heads carrying some of its secrets.
+//! request heads carrying some of its secrets. Like `keygate serve`, it moves the key memory
+//! onto huge pages once the keys are loaded (see `keygate::hugepages`).
 
 use std::sync::Arc;
 
@@ -51,6 +52,10 @@ pub fn gateway(n: usize, dir: &std::path::Path) -> (Gateway, Vec<String>) {
         }
     }
     index.load(batch.iter());
+    // As `keygate serve` does once started (in the background there).
+    if keygate::hugepages::worth_it(n) {
+        let _ = keygate::hugepages::collapse_resident(keygate::hugepages::DEFAULT_MIN_RESIDENT);
+    }
     let store = Arc::new(Store::open(&dir.join("bench.redb")).expect("store"));
     let usage = Arc::new(Usage::new(store).expect("usage"));
     (Gateway::new(config, index, hasher, usage), secrets)
