@@ -21,6 +21,7 @@ use subtle::ConstantTimeEq;
 use crate::keys::{unhex, KeyRecord, Role, SecretDigest};
 use crate::keystate::StateSlot;
 use crate::prefetch::{prefetch, Lines};
+use crate::text;
 use crate::units::Limit;
 use crate::usage::counter_lines;
 
@@ -428,7 +429,9 @@ impl LiveKey {
     pub fn allows_deployment(&self, deployment: &str) -> bool {
         self.role == Role::Admin
             || self.all_deployments
-            || self.items(DEPLOYMENTS).any(|d| d == deployment.as_bytes())
+            || self
+                .items(DEPLOYMENTS)
+                .any(|d| text::short_eq(d, deployment.as_bytes()))
     }
 
     /// True when the key grants `scope`.
@@ -436,7 +439,7 @@ impl LiveKey {
         self.role == Role::Admin
             || self
                 .items(SCOPES)
-                .any(|s| s == scope.as_bytes() || s == b"*")
+                .any(|s| text::short_eq(s, scope.as_bytes()) || s == b"*")
     }
 
     /// The scopes as owned strings (for error bodies).

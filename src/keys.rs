@@ -6,6 +6,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::text;
 use crate::units::parse_duration;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -130,7 +131,7 @@ pub fn check_secret_shape<'e>(
     // body is left to the checksum or the digest lookup), so the secret needs no UTF-8 pass.
     let body_len = SECRET_ENTROPY_CHARS + CHECKSUM_CHARS;
     let prefix = prefix.as_bytes();
-    if secret.len() < prefix.len() + 3 + body_len || !secret.starts_with(prefix) {
+    if secret.len() < prefix.len() + 3 + body_len || !text::starts_with(secret, prefix) {
         return None;
     }
     let body_start = secret.len() - body_len;
@@ -140,7 +141,7 @@ pub fn check_secret_shape<'e>(
     let env = &secret[prefix.len() + 1..body_start - 1];
     environments
         .iter()
-        .find(|e| e.as_bytes() == env)
+        .find(|e| text::short_eq(e.as_bytes(), env))
         .map(String::as_str)
 }
 

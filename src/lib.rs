@@ -34,6 +34,7 @@ pub mod reload;
 pub mod router;
 pub mod server;
 pub mod store;
+pub mod text;
 pub mod tls;
 pub mod units;
 pub mod upstream;

@@ -3,6 +3,7 @@
 use http::Method;
 
 use crate::config::{Config, Deployment, Route};
+use crate::text;
 
 /// The outcome of routing a request.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +30,7 @@ pub fn segment_prefix(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return true;
     }
-    match path.strip_prefix(prefix) {
+    match text::strip_prefix(path, prefix) {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
@@ -40,7 +41,7 @@ pub fn strip_segment_prefix<'p>(path: &'p str, prefix: &str) -> &'p str {
     if prefix == "/" {
         return path;
     }
-    match path.strip_prefix(prefix) {
+    match text::strip_prefix(path, prefix) {
         Some("") | None => "/",
         Some(rest) => rest,
     }
