@@ -466,6 +466,11 @@ impl Hasher for TagHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
+        // A tag (8 bytes) is taken whole. The length written before it is overwritten.
+        if let Ok(word) = <[u8; 8]>::try_from(bytes) {
+            self.0 = u64::from_le_bytes(word);
+            return;
+        }
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
@@ -486,15 +491,45 @@ fn digest_eq(a: &SecretDigest, b: &SecretDigest) -> bool {
     diff.ct_eq(&0).into()
 }
 
-fn tag(d: &SecretDigest) -> u64 {
-    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+/// The first 8 bytes of a digest: the main map's hash and key.
+fn tag(d: &SecretDigest) -> &[u8; 8] {
+    // Never `None`: a digest is 32 bytes.
+    d.first_chunk::<8>().unwrap_or(&[0; 8])
+}
+
+/// A live key as the main map's key, identified by its digest's tag (read from the key
+/// itself). The map then holds one pointer a slot: with a copy of the tag beside it, slots
+/// took 16 bytes, and at 1 000 000 keys (2 097 152 slots) the map outgrew what caches hold.
+/// The lookup reads the key's digest anyway to compare it in full.
+#[derive(Clone)]
+struct Tagged(Arc<LiveKey>);
+
+impl std::borrow::Borrow<[u8; 8]> for Tagged {
+    fn borrow(&self) -> &[u8; 8] {
+        tag(&self.0.digest)
+    }
+}
+
+impl PartialEq for Tagged {
+    fn eq(&self, other: &Self) -> bool {
+        tag(&self.0.digest) == tag(&other.0.digest)
+    }
+}
+
+impl Eq for Tagged {}
+
+impl Hash for Tagged {
+    // As `[u8; 8]` hashes, which `Borrow` requires.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        tag(&self.0.digest).hash(state);
+    }
 }
 
 /// The in-memory digest → key index.
 #[derive(Default)]
 pub struct KeyIndex {
     /// Current secrets by digest tag.
-    main: DashMap<u64, Arc<LiveKey>, BuildHasherDefault<TagHasher>>,
+    main: DashMap<Tagged, (), BuildHasherDefault<TagHasher>>,
     /// Grace-period secrets and tag collisions, by full digest.
     side: DashMap<SecretDigest, IndexEntry, foldhash::fast::RandomState>,
     side_len: AtomicUsize,
@@ -534,10 +569,11 @@ impl KeyIndex {
 
     /// Finds the key for `digest`, comparing the full digest in constant time.
     pub fn lookup(&self, digest: &SecretDigest) -> Option<IndexEntry> {
-        if let Some(k) = self.main.get(&tag(digest)) {
-            if digest_eq(&k.digest, digest) {
+        if let Some(k) = self.main.get(tag(digest)) {
+            let key = &k.key().0;
+            if digest_eq(&key.digest, digest) {
                 return Some(IndexEntry {
-                    key: k.clone(),
+                    key: key.clone(),
                     valid_until: None,
                 });
             }
@@ -565,16 +601,17 @@ impl KeyIndex {
     fn insert_current(&self, key: Arc<LiveKey>) {
         let d = key.digest;
         let mut collided = None;
-        match self.main.entry(tag(&d)) {
-            dashmap::Entry::Occupied(mut o) => {
-                if o.get().digest == d {
-                    o.insert(key);
+        match self.main.entry(Tagged(key)) {
+            dashmap::Entry::Occupied(o) => {
+                if o.key().0.digest == d {
+                    // The entry's key is the new version: it replaces the stored one.
+                    o.replace_entry(());
                 } else {
-                    collided = Some(key);
+                    collided = Some(o.into_key().0);
                 }
             }
             dashmap::Entry::Vacant(v) => {
-                v.insert(key);
+                v.insert(());
             }
         }
         if let Some(key) = collided {
@@ -589,7 +626,7 @@ impl KeyIndex {
     }
 
     fn remove_digest(&self, d: &SecretDigest) {
-        self.main.remove_if(&tag(d), |_, k| k.digest == *d);
+        self.main.remove_if(tag(d), |k, _| k.0.digest == *d);
         self.side_remove(d);
     }
 
@@ -610,7 +647,7 @@ impl KeyIndex {
                         },
                     );
                     // A secret just rotated out leaves the main map: it now has a deadline.
-                    self.main.remove_if(&tag(&d), |_, k| k.digest == d);
+                    self.main.remove_if(tag(&d), |k, _| k.0.digest == d);
                     kept.push(d);
                 }
             }
@@ -782,6 +819,42 @@ mod tests {
         assert!(index.lookup(&h.digest("s1")).is_none());
         assert_eq!(index.len(), 1);
         index.apply(Some(&r), None);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn digests_sharing_a_tag_are_told_apart() {
+        let index = KeyIndex::new();
+        let digest = |rest: u8| {
+            let mut d = [rest; 32];
+            d[..8].copy_from_slice(&[7; 8]);
+            d
+        };
+        let keyed = |id: &str, name: &str, d: &SecretDigest| {
+            let mut r = record("unused");
+            (r.id, r.name, r.digest) = (id.into(), name.into(), hex(d));
+            r.grace.clear();
+            r
+        };
+        let a = keyed("key_a", "first", &digest(1));
+        let b = keyed("key_b", "second", &digest(2));
+        index.apply(None, Some(&a));
+        index.apply(None, Some(&b));
+        let name_of = |d: &SecretDigest| index.lookup(d).map(|e| e.key.field(NAME).to_string());
+        assert_eq!(name_of(&digest(1)).as_deref(), Some("first"));
+        assert_eq!(name_of(&digest(2)).as_deref(), Some("second"));
+        assert_eq!(name_of(&digest(3)), None);
+        assert_eq!(index.len(), 2);
+        // A new version of a key (same secret) replaces the old one in place.
+        let renamed = keyed("key_a", "renamed", &digest(1));
+        index.apply(Some(&a), Some(&renamed));
+        assert_eq!(name_of(&digest(1)).as_deref(), Some("renamed"));
+        assert_eq!(index.len(), 2);
+        // Removing one leaves the other findable.
+        index.apply(Some(&renamed), None);
+        assert_eq!(name_of(&digest(1)), None);
+        assert_eq!(name_of(&digest(2)).as_deref(), Some("second"));
+        index.apply(Some(&b), None);
         assert!(index.is_empty());
     }
 }
