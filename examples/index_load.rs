@@ -35,25 +35,25 @@ fn main() -> anyhow::Result<()> {
     let index = KeyIndex::with_capacity(store.key_count()? as usize);
     let n = index.load_from(&store)?;
     let elapsed = started.elapsed();
+    let per_key = |rss_now: u64| (rss_now - before) as f64 / n.max(1) as f64;
     let after = rss();
     println!(
         "keys: {n}\nload time: {:.3} s\nresident memory: {:.1} MiB total, {:.0} bytes per key",
         elapsed.as_secs_f64(),
         (after - before) as f64 / (1 << 20) as f64,
-        (after - before) as f64 / n.max(1) as f64
+        per_key(after)
     );
     // What `keygate serve` then does in the background: move the key memory onto huge pages.
-    if keygate::hugepages::worth_it(n) {
-        match keygate::hugepages::collapse_resident(keygate::hugepages::DEFAULT_MIN_RESIDENT) {
-            Ok(c) => println!(
-                "huge pages: {} of {} resident 2 MiB ranges collapsed in {:.3} s; resident memory then {:.0} bytes per key",
-                c.collapsed,
-                c.eligible,
-                c.took.as_secs_f64(),
-                (rss() - before) as f64 / n.max(1) as f64
-            ),
-            Err(e) => println!("huge pages: {e}"),
-        }
+    match keygate::hugepages::move_key_memory(n) {
+        Some(Ok(c)) => println!(
+            "huge pages: {} of {} resident 2 MiB ranges collapsed in {:.3} s; resident memory then {:.0} bytes per key",
+            c.collapsed,
+            c.eligible,
+            c.took.as_secs_f64(),
+            per_key(rss())
+        ),
+        Some(Err(e)) => println!("huge pages: {e}"),
+        None => {}
     }
     drop(index);
     Ok(())

@@ -38,26 +38,35 @@ pub enum CollapseError {
     Maps(#[from] std::io::Error),
 }
 
-/// Collapses every 2 MiB range of private anonymous memory with at least `min_resident` of
-/// its pages resident (0.0–1.0). Blocking: call it from a background thread.
-pub fn collapse_resident(min_resident: f64) -> Result<Collapse, CollapseError> {
-    imp::collapse_resident(min_resident)
+/// Collapses every 2 MiB range of private anonymous memory with at least [`MIN_RESIDENT`]
+/// of its pages resident. Blocking.
+pub fn collapse_resident() -> Result<Collapse, CollapseError> {
+    imp::collapse_resident(MIN_RESIDENT)
 }
 
 /// True when `keys` live keys are enough for huge pages to matter: below this, their memory
 /// (~300 bytes each) fits what a TLB of 4 KiB pages covers (8 MiB with 2 048 entries).
-pub fn worth_it(keys: usize) -> bool {
+fn worth_it(keys: usize) -> bool {
     keys >= 30_000
 }
 
-/// Runs [`collapse_resident`] on a thread of its own, at the lowest priority, and logs what
-/// it did.
-pub fn collapse_in_background() {
+/// What `keygate serve` does once `keys` keys are loaded, here and now (for benchmarks and
+/// tools): [`collapse_resident`] when the keys are enough for it to matter, else `None`.
+pub fn move_key_memory(keys: usize) -> Option<Result<Collapse, CollapseError>> {
+    worth_it(keys).then(collapse_resident)
+}
+
+/// When `keys` loaded keys are enough for it to matter, runs [`collapse_resident`] on a
+/// thread of its own, at the lowest priority, and logs what it did.
+pub fn move_key_memory_in_background(keys: usize) {
+    if !worth_it(keys) {
+        return;
+    }
     let spawned = std::thread::Builder::new()
         .name("keygate-hugepages".into())
         .spawn(|| {
             crate::workers::lower_thread_priority();
-            match collapse_resident(DEFAULT_MIN_RESIDENT) {
+            match collapse_resident() {
                 Ok(c) => tracing::info!(
                     eligible = c.eligible,
                     collapsed = c.collapsed,
@@ -74,7 +83,7 @@ pub fn collapse_in_background() {
 
 /// The share of a range's pages that must be resident for it to be collapsed: a collapse
 /// then grows resident memory by at most 1/16.
-pub const DEFAULT_MIN_RESIDENT: f64 = 15.0 / 16.0;
+pub const MIN_RESIDENT: f64 = 15.0 / 16.0;
 
 /// A private anonymous mapping from `/proc/self/maps`.
 fn anonymous_ranges(maps: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -240,7 +249,7 @@ garbage line\n";
         // 8 MiB with every page written: at least three whole 2 MiB ranges, all resident.
         let value = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let buf: Vec<u64> = (0..(8 << 20) / 8).map(value).collect();
-        match collapse_resident(DEFAULT_MIN_RESIDENT) {
+        match collapse_resident() {
             // A kernel without MADV_COLLAPSE (or with THP off): there is nothing to collapse.
             Err(CollapseError::Unsupported) => {}
             Err(e) => panic!("{e}"),

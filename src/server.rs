@@ -694,9 +694,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let flusher = tokio::spawn(usage_flusher(gateway.clone()));
     tracing::info!(listen = %data_addr, "data plane listening");
     tracing::info!(listen = %admin_addr, "admin API listening");
-    if hugepages::worth_it(count) {
-        hugepages::collapse_in_background();
-    }
+    hugepages::move_key_memory_in_background(count);
     Ok(Running {
         data_addr,
         admin_addr,

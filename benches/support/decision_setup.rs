@@ -53,9 +53,7 @@ pub fn gateway(n: usize, dir: &std::path::Path) -> (Gateway, Vec<String>) {
     }
     index.load(batch.iter());
     // As `keygate serve` does once started (in the background there).
-    if keygate::hugepages::worth_it(n) {
-        let _ = keygate::hugepages::collapse_resident(keygate::hugepages::DEFAULT_MIN_RESIDENT);
-    }
+    let _ = keygate::hugepages::move_key_memory(n);
     let store = Arc::new(Store::open(&dir.join("bench.redb")).expect("store"));
     let usage = Arc::new(Usage::new(store).expect("usage"));
     (Gateway::new(config, index, hasher, usage), secrets)
