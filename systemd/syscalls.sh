@@ -11,7 +11,8 @@
 # admin API, keyed and refused requests, metrics, a SIGHUP reload, and a SIGTERM shutdown
 # with its usage flush (TLS is not exercised); then it expands the unit's filter with
 # `systemd-analyze syscall-filter` and compares. Needs strace, curl and systemd-analyze
-# (installed with apt-get when missing). Knobs: KEYS=40000, BIN=target/release/keygate.
+# (installed with apt-get when missing, as root: see benches/load/tools.sh).
+# Knobs: KEYS=40000, BIN=target/release/keygate.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,16 +20,14 @@ unit="$root/systemd/keygate.service"
 keys=${KEYS:-40000}
 bin=${BIN:-$root/target/release/keygate}
 
-missing=()
-for tool in strace curl systemd-analyze; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if ((${#missing[@]})); then
-    pkgs=${missing[*]/systemd-analyze/systemd}
-    echo "installing: $pkgs" >&2
-    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq $pkgs >/dev/null
-fi
+log() { printf '==> syscalls.sh: %s\n' "$*" >&2; }
+die() {
+    printf 'syscalls.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+# shellcheck source=benches/load/tools.sh
+source "$root/benches/load/tools.sh"
+need_tools strace:strace curl:curl systemd-analyze:systemd
 
 if [ -z "${BIN:-}" ]; then
     (cd "$root" && cargo build --release --quiet --bin keygate --example gen_store)

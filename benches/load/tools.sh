@@ -1,5 +1,5 @@
-# Sourced by benches/load.sh and benches/pgo.sh (which define log and die, and DIR, their work
-# directory, before calling the functions that use it).
+# Sourced by benches/load.sh, benches/pgo.sh and systemd/syscalls.sh (which define log and
+# die, and DIR, their work directory, before calling the functions that use it).
 
 need_tools() { # command:package...: apt-get installs the packages of missing commands
     local pair cmd pkg need=()
