@@ -600,7 +600,7 @@ pub async fn exchange(
         headers,
         edits,
     };
-    let deadline = tokio::time::Instant::from_std(crate::clock::instant()) + timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if !checkout.conn.as_mut().is_some_and(|c| c.still_open()) {
             reused = false;

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use governor::clock::Clock;
-
-use crate::clock::TickClock;
+use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
@@ -19,13 +17,8 @@ use governor::{Quota, RateLimiter};
 
 use crate::units::Limit;
 
-type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, TickClock, StateInformationMiddleware>;
-type IpLimiter = RateLimiter<
-    IpAddr,
-    DashMapStateStore<IpAddr>,
-    TickClock,
-    governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
->;
+type KeyLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type IpLimiter = RateLimiter<IpAddr, DashMapStateStore<IpAddr>, DefaultClock>;
 
 /// `N/period` with a burst of N as a governor quota.
 fn quota(limit: Limit) -> Quota {
@@ -78,10 +71,10 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn new(limit: Limit, clock: &TickClock) -> Self {
+    fn new(limit: Limit, clock: &DefaultClock) -> Self {
         Slot {
             limit,
-            limiter: RateLimiter::direct_with_clock(quota(limit), *clock).with_middleware(),
+            limiter: RateLimiter::direct_with_clock(quota(limit), clock.clone()).with_middleware(),
             per_cell: limit.period / limit.requests.max(1),
             window: ceil_secs(limit.period),
         }
@@ -105,7 +98,7 @@ pub struct LimiterCell {
 /// Decides per-key limits; the limiter state itself lives in each key's [`LimiterCell`].
 #[derive(Default)]
 pub struct KeyLimits {
-    clock: TickClock,
+    clock: DefaultClock,
 }
 
 impl KeyLimits {
@@ -184,7 +177,7 @@ pub struct FailedAuth {
     blocked_until: DashMap<IpAddr, std::time::Instant, foldhash::fast::RandomState>,
     /// Entries in `blocked_until`, so the common case (nobody blocked) is one atomic load.
     blocked_count: AtomicUsize,
-    clock: TickClock,
+    clock: DefaultClock,
 }
 
 impl FailedAuth {
@@ -204,7 +197,7 @@ impl FailedAuth {
             self.current.store(limit.map(|l| {
                 Arc::new(FailLimiter {
                     limit: l,
-                    limiter: RateLimiter::dashmap_with_clock(quota(l), self.clock),
+                    limiter: RateLimiter::dashmap_with_clock(quota(l), self.clock.clone()),
                 })
             }));
             self.blocked_until.clear();
