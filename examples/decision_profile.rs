@@ -1,7 +1,9 @@
 //! Runs the per-request decision in a loop for profiling (e.g. under
 //! `valgrind --tool=callgrind`): `cargo run --release --example decision_profile -- 100000 200000`.
 //! With `spread` after the numbers it times blocks of 16 keys and of 1 024 keys alternately
-//! and prints both and their difference: what the keys' memory costs.
+//! and prints both and their difference: what the keys' memory costs. With `parallel` it
+//! runs the loop on every core at once, each thread over its own share of the keys (what
+//! the threads share then shows: shared counters, locks).
 
 use std::net::IpAddr;
 
@@ -43,6 +45,27 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(started.elapsed().as_nanos() as f64 / iterations.max(1) as f64)
     };
+    if std::env::args().any(|a| a == "parallel") {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let per = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let mine: Vec<http::HeaderMap> =
+                        heads.iter().skip(t).step_by(threads).cloned().collect();
+                    s.spawn(move || run(&mine, iterations))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().map_err(|_| anyhow::anyhow!("a thread panicked"))?)
+                .collect::<anyhow::Result<Vec<f64>>>()
+        })?;
+        let per: Vec<String> = per.iter().map(|p| format!("{p:.0}")).collect();
+        println!(
+            "{iterations} decisions over {n} keys on each of {threads} threads at once: {} ns each",
+            per.join(", ")
+        );
+        return Ok(());
+    }
     if !std::env::args().any(|a| a == "spread") {
         let per = run(&heads, iterations)?;
         println!("{iterations} decisions over {n} keys: {per:.0} ns each");
