@@ -279,13 +279,17 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
 
-    fn bucket_lines(m: &Metrics) -> Vec<String> {
-        let gauges = Gauges {
+    /// The exposition with zero gauges.
+    fn render(m: &Metrics) -> String {
+        m.render(&Gauges {
             keys_loaded: 0,
             usage_pending: 0,
             usage_flush_seconds: 0.0,
-        };
-        m.render(&gauges)
+        })
+    }
+
+    fn bucket_lines(m: &Metrics) -> Vec<String> {
+        render(m)
             .lines()
             .filter(|l| l.starts_with("keygate_upstream_latency_seconds_bucket"))
             .map(|l| {
@@ -318,12 +322,7 @@ mod tests {
         }
         // And this thread, after the others have exited (one may have left it its id).
         app.count(200);
-        let gauges = Gauges {
-            keys_loaded: 0,
-            usage_pending: 0,
-            usage_flush_seconds: 0.0,
-        };
-        let text = m.render(&gauges);
+        let text = render(&m);
         for line in [
             "keygate_requests_total{deployment=\"app\",status=\"2xx\"} 4001",
             "keygate_requests_total{deployment=\"app\",status=\"5xx\"} 4",

@@ -119,8 +119,8 @@ while IFS= read -r line; do
 done < <(grep '^SystemCallFilter=' "$unit")
 grep -oE '^[0-9]+ +[a-z0-9_]+\(' strace.out | awk '{print $2}' | tr -d '(' | sort -u >"$used"
 refused=$(comm -23 "$used" "$allowed")
+echo "keygate made $(wc -l <"$used") kinds of system call"
 rm -f "$allowed" "$allowed.deny" "$used"
-echo "keygate made $(grep -oE '^[0-9]+ +[a-z0-9_]+\(' strace.out | awk '{print $2}' | sort -u | wc -l) kinds of system call"
 if [ -n "$refused" ]; then
     echo "refused by $unit's SystemCallFilter=:"
     echo "$refused" | sed 's/^/  /'
