@@ -692,47 +692,37 @@ impl KeyIndex {
         }
     }
 
-    /// Loads every key of `store`, streaming (no full copy of the table in memory);
-    /// returns how many keys were read.
+    /// Loads every key of `store`, streaming (no full copy of the table in memory), on
+    /// several threads at once for a large store (see `Store::for_each_live`); returns how
+    /// many keys were read.
     pub fn load_from(
         &self,
         store: &crate::store::Store,
     ) -> Result<usize, crate::store::StoreError> {
+        // Below this, threads cost more than they save.
+        const PARALLEL_FROM: u64 = 10_000;
+        let parts = if store.key_count()? < PARALLEL_FROM {
+            1
+        } else {
+            // More readers than cores: on a cold page cache they wait on the disk, which
+            // serves several reads at once faster than one after the other.
+            std::thread::available_parallelism().map_or(8, |n| n.get().clamp(8, 16))
+        };
+        self.load_in_parts(store, parts)
+    }
+
+    /// [`KeyIndex::load_from`] reading `parts` ranges of ids at once.
+    fn load_in_parts(
+        &self,
+        store: &crate::store::Store,
+        parts: usize,
+    ) -> Result<usize, crate::store::StoreError> {
         use crate::store::StoreError;
-        const BATCH: usize = 4096;
-        // Two stages: this thread reads and decodes, a helper thread fills the maps (with
-        // 1 000 000 keys, reading and building each take about half of the start-up time).
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Decoded>>(8);
-            let builder = scope.spawn(move || {
-                for batch in rx {
-                    for (key, grace, revoked) in batch {
-                        self.insert_loaded(key, grace, revoked);
-                    }
-                }
-            });
-            let mut n = 0;
-            let mut batch = Vec::with_capacity(BATCH);
-            let read = store.for_each_live(|bytes| {
-                let decoded = LiveKey::decode(bytes)
-                    .ok_or_else(|| StoreError::Corrupt("undecodable live key entry".into()))?;
-                n += 1;
-                batch.push(decoded);
-                if batch.len() == BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                    tx.send(full)
-                        .map_err(|_| StoreError::Corrupt("the index builder stopped".into()))?;
-                }
-                Ok(())
-            });
-            if read.is_ok() && !batch.is_empty() {
-                let _ = tx.send(batch);
-            }
-            drop(tx);
-            builder
-                .join()
-                .map_err(|_| StoreError::Corrupt("the index builder panicked".into()))?;
-            read.map(|()| n)
+        store.for_each_live(parts, |bytes| {
+            let (key, grace, revoked) = LiveKey::decode(bytes)
+                .ok_or_else(|| StoreError::Corrupt("undecodable live key entry".into()))?;
+            self.insert_loaded(key, grace, revoked);
+            Ok(())
         })
     }
 
@@ -861,6 +851,27 @@ mod tests {
             assert!((0..20_000).all(|i| index.lookup(&h.digest(format!("s{i}"))).is_some()));
             assert!((0..2_000).all(|i| index.lookup(&h.digest(format!("t{i}"))).is_none()));
         }
+    }
+
+    #[test]
+    fn a_store_loaded_in_parallel_ranges_gives_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("k.redb")).unwrap();
+        let h = SecretHasher::new(None);
+        let records: Vec<KeyRecord> = (0..300)
+            .map(|i| {
+                let mut r = record("unused");
+                r.id = crate::keys::generate_id().unwrap();
+                r.digest = hex(&h.digest(format!("s{i}")));
+                r.grace.clear();
+                r
+            })
+            .collect();
+        store.insert_keys(&records).unwrap();
+        let index = KeyIndex::new();
+        assert_eq!(index.load_in_parts(&store, 8).unwrap(), 300);
+        assert_eq!(index.len(), 300);
+        assert!((0..300).all(|i| index.lookup(&h.digest(format!("s{i}"))).is_some()));
     }
 
     #[test]
