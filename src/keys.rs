@@ -9,7 +9,10 @@ use sha2::{Digest as _, Sha256};
 use crate::text;
 use crate::units::parse_duration;
 
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// The base62 digits, in ASCII order (so ids sort by their digits' values).
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// What every key id starts with.
+pub const ID_PREFIX: &str = "key_";
 /// Random base62 characters in a secret's body.
 pub const SECRET_ENTROPY_CHARS: usize = 32;
 /// Base62 characters of the CRC32 checksum at the end of a secret.
@@ -88,17 +91,17 @@ pub fn generate_secret(prefix: &str, env: &str) -> Result<String, getrandom::Err
 
 /// Generates a new public key id, `key_` + 16 base62 characters.
 pub fn generate_id() -> Result<String, getrandom::Error> {
-    let mut s = String::with_capacity(4 + ID_CHARS);
-    s.push_str("key_");
+    let mut s = String::with_capacity(ID_PREFIX.len() + ID_CHARS);
+    s.push_str(ID_PREFIX);
     random_base62(&mut s, ID_CHARS)?;
     Ok(s)
 }
 
 /// True when `id` has the shape of a key id.
 pub fn is_valid_id(id: &str) -> bool {
-    id.len() == 4 + ID_CHARS
-        && id.starts_with("key_")
-        && id.as_bytes()[4..]
+    id.len() == ID_PREFIX.len() + ID_CHARS
+        && id.starts_with(ID_PREFIX)
+        && id.as_bytes()[ID_PREFIX.len()..]
             .iter()
             .all(|&b| BASE62_DIGIT[b as usize] != 0xff)
 }

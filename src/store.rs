@@ -7,7 +7,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::audit::AuditEvent;
 use crate::keyindex::LiveKey;
-use crate::keys::{unhex, KeyRecord, SecretDigest};
+use crate::keys::{unhex, KeyRecord, SecretDigest, BASE62, ID_PREFIX};
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const DIGESTS: TableDefinition<&[u8], &str> = TableDefinition::new("digests");
@@ -23,10 +23,14 @@ const STORE_CACHE_BYTES: usize = 16 << 20;
 /// random base62 characters, so the ranges split on the first of those. The first and last
 /// ranges are open-ended, so ids of any other shape are read too.
 fn id_splits(parts: usize) -> Vec<String> {
-    const DIGITS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let parts = parts.clamp(1, DIGITS.len());
+    let parts = parts.clamp(1, BASE62.len());
     (1..parts)
-        .map(|i| format!("key_{}", char::from(DIGITS[i * DIGITS.len() / parts])))
+        .map(|i| {
+            format!(
+                "{ID_PREFIX}{}",
+                char::from(BASE62[i * BASE62.len() / parts])
+            )
+        })
         .collect()
 }
 
@@ -212,19 +216,20 @@ impl Store {
             Ok(n)
         };
         std::thread::scope(|scope| {
-            let mut counts: Vec<Result<usize, StoreError>> = Vec::new();
-            let readers: Vec<_> = (0..=splits.len())
-                .filter_map(|i| {
-                    let lo = i.checked_sub(1).map(|j| splits[j].as_str());
-                    let hi = splits.get(i).map(String::as_str);
-                    let read_range = &read_range;
-                    let spawned = std::thread::Builder::new()
-                        .name("keygate-load".into())
-                        .spawn_scoped(scope, move || read_range(lo, hi));
+            let (mut readers, mut counts) = (Vec::new(), Vec::new());
+            for i in 0..=splits.len() {
+                let lo = i.checked_sub(1).map(|j| splits[j].as_str());
+                let hi = splits.get(i).map(String::as_str);
+                let read_range = &read_range;
+                match std::thread::Builder::new()
+                    .name("keygate-load".into())
+                    .spawn_scoped(scope, move || read_range(lo, hi))
+                {
+                    Ok(reader) => readers.push(reader),
                     // No thread to be had (a process limit): that range is read here instead.
-                    spawned.map_err(|_| counts.push(read_range(lo, hi))).ok()
-                })
-                .collect();
+                    Err(_) => counts.push(read_range(lo, hi)),
+                }
+            }
             // Every reader is joined before an error is returned.
             for r in readers {
                 counts.push(
