@@ -31,9 +31,8 @@ fn main() -> anyhow::Result<()> {
     let before = rss();
     let started = Instant::now();
     let store = Store::open(std::path::Path::new(&path))?;
-    // Sized up front, as `keygate serve` does, so the map grows once.
-    let index = KeyIndex::with_capacity(store.key_count()? as usize);
-    let n = index.load_from(&store)?;
+    // As `keygate serve` does.
+    let (index, n) = KeyIndex::from_store(&store)?;
     let elapsed = started.elapsed();
     let per_key = |rss_now: u64| (rss_now - before) as f64 / n.max(1) as f64;
     let after = rss();

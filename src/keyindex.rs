@@ -692,26 +692,28 @@ impl KeyIndex {
         }
     }
 
-    /// Loads every key of `store`, streaming (no full copy of the table in memory), on
-    /// several threads at once for a large store (see `Store::for_each_live`); returns how
-    /// many keys were read.
-    pub fn load_from(
-        &self,
+    /// An index of every key of `store`, sized for them up front (the map grows once), loaded
+    /// streaming (no full copy of the table in memory) and on several threads at once for a
+    /// large store (see `Store::for_each_live`); and how many keys were read.
+    pub fn from_store(
         store: &crate::store::Store,
-    ) -> Result<usize, crate::store::StoreError> {
+    ) -> Result<(KeyIndex, usize), crate::store::StoreError> {
         // Below this, threads cost more than they save.
-        const PARALLEL_FROM: u64 = 10_000;
-        let parts = if store.key_count()? < PARALLEL_FROM {
+        const PARALLEL_FROM: usize = 10_000;
+        let keys = usize::try_from(store.key_count()?).unwrap_or(usize::MAX);
+        let parts = if keys < PARALLEL_FROM {
             1
         } else {
             // More readers than cores: on a cold page cache they wait on the disk, which
             // serves several reads at once faster than one after the other.
             std::thread::available_parallelism().map_or(8, |n| n.get().clamp(8, 16))
         };
-        self.load_in_parts(store, parts)
+        let index = KeyIndex::with_capacity(keys);
+        let n = index.load_in_parts(store, parts)?;
+        Ok((index, n))
     }
 
-    /// [`KeyIndex::load_from`] reading `parts` ranges of ids at once.
+    /// Loads every key of `store`, reading `parts` ranges of ids at once.
     fn load_in_parts(
         &self,
         store: &crate::store::Store,

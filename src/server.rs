@@ -605,8 +605,8 @@ fn bootstrap(
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(Store::open(&config.store.path)?);
     let loaded = Instant::now();
-    let keys = Arc::new(KeyIndex::with_capacity(store.key_count()? as usize));
-    let count = keys.load_from(&store).context("loading keys")?;
+    let (keys, count) = KeyIndex::from_store(&store).context("loading keys")?;
+    let keys = Arc::new(keys);
     tracing::info!(keys = count, elapsed_ms = loaded.elapsed().as_millis() as u64, store = %config.store.path.display(), "key store loaded");
     let usage = Arc::new(Usage::new(store.clone())?);
     let hasher = SecretHasher::from_env();
