@@ -25,7 +25,101 @@ use crate::prefetch::Lines;
 use crate::store::{Store, StoreError};
 
 /// (key id, day number, deployment, operation, status class) → requests.
-const USAGE: TableDefinition<(&str, u32, &str, &str, u8), u64> = TableDefinition::new("usage");
+const USAGE: TableDefinition<UsageKey, u64> = TableDefinition::new("usage");
+/// The same table as the flush writes it: keys as their encoded bytes (see [`UsageRowKey`]).
+const USAGE_ROWS: TableDefinition<UsageRowKey, u64> = TableDefinition::new("usage");
+
+/// The usage table's key.
+type UsageKey = (&'static str, u32, &'static str, &'static str, u8);
+
+/// The usage table's key as its encoded bytes, compared without decoding them.
+///
+/// redb stores a tuple key as the lengths of all elements but the last, then the elements;
+/// its compare decodes every string element with a UTF-8 check, which was the largest part of
+/// a flush's CPU (two B-tree descents a row, each a few dozen compares). UTF-8 text orders as
+/// its bytes do, so comparing the bytes orders rows exactly as the tuple does, and the type
+/// name is the tuple's, so this opens the same table (unit test: both orders agree).
+#[derive(Debug)]
+struct UsageRowKey;
+
+impl redb::Value for UsageRowKey {
+    type SelfType<'a>
+        = &'a [u8]
+    where
+        Self: 'a;
+    type AsBytes<'a>
+        = &'a [u8]
+    where
+        Self: 'a;
+
+    fn fixed_width() -> Option<usize> {
+        None
+    }
+
+    fn from_bytes<'a>(data: &'a [u8]) -> &'a [u8]
+    where
+        Self: 'a,
+    {
+        data
+    }
+
+    fn as_bytes<'a, 'b: 'a>(value: &'a &'b [u8]) -> &'a [u8]
+    where
+        Self: 'b,
+    {
+        value
+    }
+
+    fn type_name() -> redb::TypeName {
+        <UsageKey as redb::Value>::type_name()
+    }
+}
+
+impl redb::Key for UsageRowKey {
+    fn compare(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+        match (UsageKeyParts::parse(a), UsageKeyParts::parse(b)) {
+            (Some(a), Some(b)) => a.cmp(&b),
+            // Not a key this table holds (a damaged page): by bytes, without a panic.
+            _ => a.cmp(b),
+        }
+    }
+}
+
+/// A usage key's elements, borrowed from its encoding. The derived order is the tuple's:
+/// element by element, strings by their bytes, numbers by value.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct UsageKeyParts<'a> {
+    key: &'a [u8],
+    day: u32,
+    deployment: &'a [u8],
+    operation: &'a [u8],
+    class: u8,
+}
+
+impl<'a> UsageKeyParts<'a> {
+    /// Reads redb's encoding of a [`UsageKey`]: four little-endian `u32` lengths (key id, day,
+    /// deployment, operation), those elements, then the class.
+    fn parse(data: &'a [u8]) -> Option<Self> {
+        let (lens, mut rest) = data.split_first_chunk::<16>()?;
+        let mut take = |i: usize| -> Option<&'a [u8]> {
+            let len = u32::from_le_bytes(lens[4 * i..4 * i + 4].try_into().ok()?) as usize;
+            let (element, tail) = rest.split_at_checked(len)?;
+            rest = tail;
+            Some(element)
+        };
+        let key = take(0)?;
+        let day = u32::from_le_bytes(take(1)?.try_into().ok()?);
+        let (deployment, operation) = (take(2)?, take(3)?);
+        let [class] = rest.try_into().ok()?;
+        Some(UsageKeyParts {
+            key,
+            day,
+            deployment,
+            operation,
+            class,
+        })
+    }
+}
 /// key id → JSON of [`StoredLastUse`].
 const LAST_USED: TableDefinition<&str, &[u8]> = TableDefinition::new("last_used");
 
@@ -121,6 +215,19 @@ impl PartialEq for CounterParts<'_> {
 /// probed with a [`CounterParts`] through `Borrow<dyn CounterIdentity>`.
 trait CounterIdentity {
     fn parts(&self) -> CounterParts<'_>;
+}
+
+impl CounterKey {
+    /// Its row's key in the usage table, encoded.
+    fn row_key(&self) -> Vec<u8> {
+        <UsageKey as redb::Value>::as_bytes(&(
+            self.key.as_str(),
+            self.day,
+            &*self.deployment,
+            self.operation.as_str(),
+            self.class,
+        ))
+    }
 }
 
 impl CounterIdentity for CounterKey {
@@ -496,12 +603,15 @@ impl Usage {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
-        let deltas: Vec<(CounterKey, u64)> = self
+        // The cells themselves, not their keys: after the commit each is decreased directly,
+        // with no second lookup (nothing can take a cell with pending counts out of the map
+        // while the flush lock is held).
+        let deltas: Vec<(Arc<CounterCell>, u64)> = self
             .counters
             .iter()
             .filter_map(|c| {
                 let n = c.value().pending();
-                (n > 0).then(|| (c.key().clone(), n))
+                (n > 0).then(|| (c.value().clone(), n))
             })
             .collect();
         let mut lasts: Vec<(KeyId, Arc<KeyState>, StoredLastUse)> = Vec::new();
@@ -517,10 +627,8 @@ impl Usage {
         match &result {
             Ok(()) => {
                 // Only what was written leaves the counters; requests counted meanwhile stay.
-                for (k, n) in &deltas {
-                    if let Some(c) = self.counters.get(k) {
-                        c.count.fetch_sub(*n, Ordering::AcqRel);
-                    }
+                for (cell, n) in &deltas {
+                    cell.count.fetch_sub(*n, Ordering::AcqRel);
                 }
             }
             Err(e) => {
@@ -553,42 +661,23 @@ impl Usage {
 
     fn write(
         &self,
-        deltas: &[(CounterKey, u64)],
+        deltas: &[(Arc<CounterCell>, u64)],
         lasts: &[(KeyId, Arc<KeyState>, StoredLastUse)],
     ) -> Result<(), StoreError> {
         // In key order: the B-tree's pages are then visited once each, in sequence, instead
         // of at random (the counters come out of a hash map).
-        let mut ordered: Vec<&(CounterKey, u64)> = deltas.iter().collect();
-        ordered.sort_unstable_by(|(a, _), (b, _)| {
-            (
-                &*a.key,
-                a.day,
-                &*a.deployment,
-                a.operation.as_str(),
-                a.class,
-            )
-                .cmp(&(
-                    &*b.key,
-                    b.day,
-                    &*b.deployment,
-                    b.operation.as_str(),
-                    b.class,
-                ))
-        });
+        let mut rows: Vec<(Vec<u8>, u64)> = deltas
+            .iter()
+            .map(|(cell, n)| (cell.identity.row_key(), *n))
+            .collect();
+        rows.sort_unstable_by(|(a, _), (b, _)| <UsageRowKey as redb::Key>::compare(a, b));
         let txn = self.store.database().begin_write()?;
         {
-            let mut usage = txn.open_table(USAGE)?;
-            for (i, (k, n)) in ordered.into_iter().enumerate() {
+            let mut usage = txn.open_table(USAGE_ROWS)?;
+            for (i, (key, n)) in rows.iter().enumerate() {
                 offer_cpu_every_few_rows(i);
-                let key = (
-                    &*k.key,
-                    k.day,
-                    &*k.deployment,
-                    k.operation.as_str(),
-                    k.class,
-                );
-                let old = usage.get(key)?.map(|v| v.value()).unwrap_or(0);
-                usage.insert(key, old + n)?;
+                let old = usage.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
+                usage.insert(key.as_slice(), old + n)?;
             }
             let mut last = txn.open_table(LAST_USED)?;
             for (i, (k, _, l)) in lasts.iter().enumerate() {
@@ -807,6 +896,110 @@ mod tests {
             .range((id, 0u32, "", "", 0u8)..=(id, u32::MAX, "\u{10FFFF}", "\u{10FFFF}", u8::MAX))
             .unwrap();
         rows.map(|r| r.unwrap().1.value()).sum()
+    }
+
+    /// Encodes a usage key as redb does.
+    fn encoded(k: (&str, u32, &str, &str, u8)) -> Vec<u8> {
+        <UsageKey as redb::Value>::as_bytes(&k)
+    }
+
+    #[test]
+    fn row_keys_order_exactly_as_the_tuple_does() {
+        use redb::Key;
+        // Strings that are prefixes of one another, empty, non-ASCII (multi-byte UTF-8 sorts
+        // after ASCII and by code point), and days and classes whose little-endian bytes
+        // order differently from their values (1 < 256, but [1, 0] > [0, 1]).
+        let texts = [
+            "", "a", "ab", "b", "a\u{0}", "é", "z", "€", "key_A", "key_a",
+        ];
+        let days = [0u32, 1, 255, 256, 257, 65_535, 65_536, 20_000, u32::MAX];
+        let (names, classes) = (["", "a", "ab", "é"], [1u8, 0]);
+        let mut keys = Vec::new();
+        for key in texts {
+            for day in days {
+                for dep in names {
+                    for op in names.iter().rev() {
+                        for class in classes {
+                            keys.push((key, day, dep, *op, class));
+                        }
+                    }
+                }
+            }
+        }
+        let bytes: Vec<Vec<u8>> = keys.iter().map(|k| encoded(*k)).collect();
+        // Both orders sort every key to the same place...
+        let sorted_by = |compare: fn(&[u8], &[u8]) -> std::cmp::Ordering| {
+            let mut sorted = bytes.clone();
+            sorted.sort_by(|a, b| compare(a, b));
+            sorted
+        };
+        assert!(sorted_by(UsageRowKey::compare) == sorted_by(UsageKey::compare));
+        // ...and agree on every pair among a spread of them.
+        for a in bytes.iter().step_by(7) {
+            for b in bytes.iter().step_by(5) {
+                assert_eq!(UsageRowKey::compare(a, b), UsageKey::compare(a, b));
+            }
+        }
+        // The type name is the tuple's: the same table opens through either type.
+        assert_eq!(
+            <UsageRowKey as redb::Value>::type_name(),
+            <UsageKey as redb::Value>::type_name()
+        );
+        // Bytes that are no usage key are ordered, not a panic.
+        assert_eq!(
+            UsageRowKey::compare(b"\x01", &bytes[0]),
+            b"\x01"[..].cmp(&bytes[0][..])
+        );
+        let cut = &bytes[5][..bytes[5].len() - 1];
+        assert!(UsageKeyParts::parse(cut).is_none());
+    }
+
+    #[test]
+    fn rows_written_as_bytes_read_back_as_tuples() {
+        let (_dir, store, _) = usage_in_temp_store();
+        let rows = [
+            ("key_b", 256, "app", "GET", 0u8),
+            ("key_a", 1, "app", "read", 2),
+            ("key_a", 1, "api", "read", 0),
+            ("key_a", 300, "app", "GET", 0),
+        ];
+        let txn = store.database().begin_write().unwrap();
+        {
+            let mut table = txn.open_table(USAGE_ROWS).unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                table
+                    .insert(encoded(*row).as_slice(), i as u64 + 1)
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let txn = store.database().begin_read().unwrap();
+        let table = txn.open_table(USAGE).unwrap();
+        let read: Vec<_> = table
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                let (key, day, dep, op, class) = k.value();
+                (
+                    (key.to_string(), day, dep.to_string(), op.to_string(), class),
+                    v.value(),
+                )
+            })
+            .collect();
+        let mut expected: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &(key, day, dep, op, class))| {
+                (
+                    (key.into(), day, dep.into(), op.into(), class),
+                    i as u64 + 1,
+                )
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(read, expected);
+        assert_eq!(stored_total(&store, "key_a"), 2 + 3 + 4);
     }
 
     /// Usage over a fresh store in a temporary directory (kept alive by the first item).
