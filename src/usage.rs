@@ -297,7 +297,16 @@ const RETIRED: u64 = 1 << 63;
 struct CounterCell {
     count: AtomicU64,
     identity: CounterKey,
+    /// Its row's total as the last committed flush left it ([`UNKNOWN_TOTAL`] until then):
+    /// the next flush writes total + delta without reading the row first, one B-tree descent
+    /// a row instead of two. Only the flush, `prune` and `delete_key` write usage rows, each
+    /// under the flush lock; `prune` forgets the totals of the days it deletes, and
+    /// `delete_key` drops the cells.
+    stored_total: AtomicU64,
 }
+
+/// [`CounterCell::stored_total`] before the cell's row has been written (or after a prune).
+const UNKNOWN_TOTAL: u64 = u64::MAX;
 
 impl CounterCell {
     /// True when this cell counts the requests `probe` describes.
@@ -565,6 +574,7 @@ impl Usage {
                             Arc::new(CounterCell {
                                 count: AtomicU64::new(0),
                                 identity: key,
+                                stored_total: AtomicU64::new(UNKNOWN_TOTAL),
                             })
                         })
                         .clone()
@@ -625,10 +635,11 @@ impl Usage {
         }
         let result = self.write(&deltas, &lasts);
         match &result {
-            Ok(()) => {
+            Ok(totals) => {
                 // Only what was written leaves the counters; requests counted meanwhile stay.
-                for (cell, n) in &deltas {
+                for ((cell, n), total) in deltas.iter().zip(totals) {
                     cell.count.fetch_sub(*n, Ordering::AcqRel);
+                    cell.stored_total.store(*total, Ordering::Relaxed);
                 }
             }
             Err(e) => {
@@ -656,28 +667,37 @@ impl Usage {
         }
         self.last_flush_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        result.map(|()| deltas.iter().map(|(_, n)| n).sum())
+        result.map(|_| deltas.iter().map(|(_, n)| n).sum())
     }
 
+    /// Writes the deltas and last uses in one transaction; returns each delta's row total as
+    /// written (in `deltas` order), for the cells to remember once it has committed.
     fn write(
         &self,
         deltas: &[(Arc<CounterCell>, u64)],
         lasts: &[(KeyId, Arc<KeyState>, StoredLastUse)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<u64>, StoreError> {
         // In key order: the B-tree's pages are then visited once each, in sequence, instead
         // of at random (the counters come out of a hash map).
-        let mut rows: Vec<(Vec<u8>, u64)> = deltas
+        let mut rows: Vec<(Vec<u8>, usize)> = deltas
             .iter()
-            .map(|(cell, n)| (cell.identity.row_key(), *n))
+            .enumerate()
+            .map(|(i, (cell, _))| (cell.identity.row_key(), i))
             .collect();
         rows.sort_unstable_by(|(a, _), (b, _)| <UsageRowKey as redb::Key>::compare(a, b));
+        let mut totals = vec![0; deltas.len()];
         let txn = self.store.database().begin_write()?;
         {
             let mut usage = txn.open_table(USAGE_ROWS)?;
-            for (i, (key, n)) in rows.iter().enumerate() {
-                offer_cpu_every_few_rows(i);
-                let old = usage.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
-                usage.insert(key.as_slice(), old + n)?;
+            for (row, (key, i)) in rows.iter().enumerate() {
+                offer_cpu_every_few_rows(row);
+                let (cell, n) = &deltas[*i];
+                let stored = match cell.stored_total.load(Ordering::Relaxed) {
+                    UNKNOWN_TOTAL => usage.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0),
+                    known => known,
+                };
+                totals[*i] = stored + n;
+                usage.insert(key.as_slice(), totals[*i])?;
             }
             let mut last = txn.open_table(LAST_USED)?;
             for (i, (k, _, l)) in lasts.iter().enumerate() {
@@ -688,13 +708,27 @@ impl Usage {
             }
         }
         txn.commit()?;
-        Ok(())
+        Ok(totals)
     }
 
     /// Deletes rows older than `retention_days`. Returns how many went.
     pub fn prune(&self, retention_days: u32) -> Result<u64, StoreError> {
+        // Under the flush lock: a flush between the delete and the forgetting below would
+        // write a deleted row back from its remembered total.
+        let _guard = self
+            .flush_lock
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let cutoff =
             day_number(Utc::now().timestamp()).saturating_sub(retention_days.saturating_sub(1));
+        // Forgotten first, so a failed commit leaves nothing remembered that may be gone.
+        for c in self.counters.iter() {
+            if c.key().day < cutoff {
+                c.value()
+                    .stored_total
+                    .store(UNKNOWN_TOTAL, Ordering::Relaxed);
+            }
+        }
         let txn = self.store.database().begin_write()?;
         let mut removed = 0;
         {
@@ -1025,6 +1059,54 @@ mod tests {
         assert_eq!(usage.counters.len(), 1, "only today's counter stays");
         assert_eq!(usage.flush().unwrap(), 0);
         assert_eq!(usage.counters.len(), 1);
+    }
+
+    #[test]
+    fn a_flush_adds_to_the_total_it_last_wrote() {
+        let (_dir, store, usage) = usage_in_temp_store();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let op = Operation::Method(Method::GET);
+        let now = Utc::now().timestamp();
+        for (hits, total) in [(3, 3), (2, 5), (1, 6)] {
+            for _ in 0..hits {
+                usage.record(ok_hit(&state, &dep, &op, now));
+            }
+            assert_eq!(usage.flush().unwrap(), hits);
+            assert_eq!(stored_total(&store, "key_a"), total);
+        }
+        let remembered: Vec<u64> = usage
+            .counters
+            .iter()
+            .map(|c| c.value().stored_total.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(remembered, [6]);
+    }
+
+    #[test]
+    fn a_pruned_row_is_not_written_back_from_a_remembered_total() {
+        let (_dir, store, usage) = usage_in_temp_store();
+        let state = usage.key_states().of_id("key_a");
+        let dep: Arc<str> = Arc::from("app");
+        let op = Operation::Method(Method::GET);
+        let old = Utc::now().timestamp() - 3 * 86_400;
+        // A past day's counter with a request pending whose row an earlier flush left at 5
+        // (as when a request lands on it while that flush runs, which keeps the cell).
+        usage.record(ok_hit(&state, &dep, &op, old));
+        let txn = store.database().begin_write().unwrap();
+        txn.open_table(USAGE)
+            .unwrap()
+            .insert(("key_a", day_number(old), "app", "GET", 0u8), 5)
+            .unwrap();
+        txn.commit().unwrap();
+        for c in usage.counters.iter() {
+            c.value().stored_total.store(5, Ordering::Relaxed);
+        }
+        // Retention of one day deletes that row; the flush then writes the pending request
+        // alone, not 5 + 1.
+        assert_eq!(usage.prune(1).unwrap(), 1);
+        assert_eq!(usage.flush().unwrap(), 1);
+        assert_eq!(stored_total(&store, "key_a"), 1);
     }
 
     #[test]
