@@ -7,8 +7,9 @@
 # Profile-guided optimisation lays the code a request runs out contiguously and moves what
 # it does not run out of the way. keygate's request path runs mostly once per request
 # through many distinct functions (its own, tokio's, http's), so its cost is largely
-# instruction-cache misses (README, "Round four"); PGO removes most of them (README,
-# "Round five"). The same cargo release profile, plus the profile of a training run.
+# instruction-cache misses (benches/PERFORMANCE.md, "Round four"); PGO removes most of them
+# (the same, "Round five"). The same cargo release profile, plus the profile of a training
+# run.
 #
 # Steps:
 #   1. an instrumented build (-Cprofile-generate) in target/pgo/generate;
