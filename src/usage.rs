@@ -1036,6 +1036,15 @@ mod tests {
         assert_eq!(stored_total(&store, "key_a"), 2 + 3 + 4);
     }
 
+    /// `key_a`'s state, deployment `app` and operation `GET`: what most tests count under.
+    fn key_a_get(usage: &Usage) -> (Arc<KeyState>, Arc<str>, Operation) {
+        (
+            usage.key_states().of_id("key_a"),
+            Arc::from("app"),
+            Operation::Method(Method::GET),
+        )
+    }
+
     /// Usage over a fresh store in a temporary directory (kept alive by the first item).
     fn usage_in_temp_store() -> (tempfile::TempDir, Arc<Store>, Usage) {
         let dir = tempfile::tempdir().unwrap();
@@ -1047,9 +1056,7 @@ mod tests {
     #[test]
     fn flushed_counters_of_past_days_are_dropped_and_todays_kept() {
         let (_dir, _store, usage) = usage_in_temp_store();
-        let state = usage.key_states().of_id("key_a");
-        let dep: Arc<str> = Arc::from("app");
-        let op = Operation::Method(Method::GET);
+        let (state, dep, op) = key_a_get(&usage);
         let now = Utc::now().timestamp();
         for at in [now - 3 * 86_400, now - 86_400, now] {
             usage.record(ok_hit(&state, &dep, &op, at));
@@ -1064,9 +1071,7 @@ mod tests {
     #[test]
     fn a_flush_adds_to_the_total_it_last_wrote() {
         let (_dir, store, usage) = usage_in_temp_store();
-        let state = usage.key_states().of_id("key_a");
-        let dep: Arc<str> = Arc::from("app");
-        let op = Operation::Method(Method::GET);
+        let (state, dep, op) = key_a_get(&usage);
         let now = Utc::now().timestamp();
         for (hits, total) in [(3, 3), (2, 5), (1, 6)] {
             for _ in 0..hits {
@@ -1086,9 +1091,7 @@ mod tests {
     #[test]
     fn a_pruned_row_is_not_written_back_from_a_remembered_total() {
         let (_dir, store, usage) = usage_in_temp_store();
-        let state = usage.key_states().of_id("key_a");
-        let dep: Arc<str> = Arc::from("app");
-        let op = Operation::Method(Method::GET);
+        let (state, dep, op) = key_a_get(&usage);
         let old = Utc::now().timestamp() - 3 * 86_400;
         // A past day's counter with a request pending whose row an earlier flush left at 5
         // (as when a request lands on it while that flush runs, which keeps the cell).
@@ -1140,9 +1143,7 @@ mod tests {
     #[test]
     fn a_keys_counters_share_its_states_id() {
         let (_dir, _store, usage) = usage_in_temp_store();
-        let state = usage.key_states().of_id("key_a");
-        let dep: Arc<str> = Arc::from("app");
-        let op = Operation::Method(Method::GET);
+        let (state, dep, op) = key_a_get(&usage);
         let now = Utc::now().timestamp();
         usage.record(ok_hit(&state, &dep, &op, now));
         usage.record(ok_hit(&state, &dep, &op, now - 86_400));
@@ -1163,9 +1164,7 @@ mod tests {
     #[test]
     fn a_request_holding_a_dropped_counter_counts_through_the_map() {
         let (_dir, store, usage) = usage_in_temp_store();
-        let state = usage.key_states().of_id("key_a");
-        let dep: Arc<str> = Arc::from("app");
-        let op = Operation::Method(Method::GET);
+        let (state, dep, op) = key_a_get(&usage);
         let yesterday = Utc::now().timestamp() - 86_400;
         usage.record(ok_hit(&state, &dep, &op, yesterday));
         assert_eq!(usage.flush().unwrap(), 1);
