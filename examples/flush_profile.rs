@@ -57,13 +57,5 @@ fn main() -> anyhow::Result<()> {
 
 /// CPU time this thread has used so far.
 fn thread_cpu() -> std::time::Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the call touches nothing else.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return std::time::Duration::ZERO;
-    }
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    keygate::clock::read(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or_default()
 }

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-fn coarse(clock: libc::clockid_t) -> Option<Duration> {
+/// Reads `clock` (a `CLOCK_*` id) with `clock_gettime`; `None` when the call fails.
+pub fn read(clock: libc::clockid_t) -> Option<Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -22,7 +23,7 @@ fn coarse(clock: libc::clockid_t) -> Option<Duration> {
 
 /// Unix seconds (coarse: lags real time by at most a tick).
 pub fn unix_now() -> i64 {
-    let since_epoch = coarse(libc::CLOCK_REALTIME_COARSE)
+    let since_epoch = read(libc::CLOCK_REALTIME_COARSE)
         .or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).ok())
         .unwrap_or_default();
     i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX)
@@ -30,7 +31,7 @@ pub fn unix_now() -> i64 {
 
 /// Monotonic time since an unspecified start (coarse), on the clock `Instant` uses.
 pub fn monotonic() -> Duration {
-    coarse(libc::CLOCK_MONOTONIC_COARSE).unwrap_or_default()
+    read(libc::CLOCK_MONOTONIC_COARSE).unwrap_or_default()
 }
 
 /// Milliseconds since its creation on the coarse monotonic clock, for timers read on every
